@@ -31,7 +31,8 @@ class Schedule:
       ᾱ(t) ∝ cos²(((t/T) + s)/(1 + s) · π/2), β clipped at 0.999).
     num_timesteps: T, the number of diffusion steps.
     beta_start, beta_end: endpoints of the linear schedule, given for T = 1000
-      and rescaled by 1000/T so that shorter chains end at the same noise level.
+      and rescaled by 1000/T so that shorter chains end at the same noise level
+      (clipped at 0.999, which only very short chains, T < 50, reach).
     cosine_s: the offset s of the cosine schedule.
   """
 
@@ -53,7 +54,8 @@ class Schedule:
     T = self.num_timesteps
     if self.kind == "linear":
       scale = 1000.0 / T
-      return np.linspace(scale * self.beta_start, scale * self.beta_end, T, dtype=np.float64)
+      betas = np.linspace(scale * self.beta_start, scale * self.beta_end, T, dtype=np.float64)
+      return np.clip(betas, 0.0, 0.999)
     steps = np.arange(T + 1, dtype=np.float64) / T
     f = np.cos((steps + self.cosine_s) / (1 + self.cosine_s) * np.pi / 2) ** 2
     alphas_bar = f / f[0]

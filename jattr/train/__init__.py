@@ -1,0 +1,16 @@
+"""Training: one denoiser (`train`) or many on subsets at once (`train_many`)."""
+
+from jattr.train.loop import draw_batch
+from jattr.train.loop import make_segment_fn
+from jattr.train.loop import train
+from jattr.train.many import STRATEGIES
+from jattr.train.many import ManyResult
+from jattr.train.many import Subsets
+from jattr.train.many import make_subsets
+from jattr.train.many import member_keys
+from jattr.train.many import train_many
+from jattr.train.state import TrainConfig
+from jattr.train.state import TrainState
+from jattr.train.state import ema_update
+from jattr.train.state import init_state
+from jattr.train.state import make_optimizer
