@@ -1,0 +1,15 @@
+"""Models: a small UNet in flax NNX and the bridge to a pure ``apply_fn(params, x_t, t)``."""
+
+from jattr.models.bridge import make_apply_fn
+from jattr.models.bridge import make_init_fn
+from jattr.models.bridge import make_model
+from jattr.models.bridge import merge_model
+from jattr.models.bridge import num_params
+from jattr.models.bridge import split_model
+from jattr.models.unet import UNet
+from jattr.models.unet import UNetConfig
+from jattr.models.unet import cifar_30m_config
+from jattr.models.unet import cifar_config
+from jattr.models.unet import config_by_name
+from jattr.models.unet import digits_config
+from jattr.models.unet import fashion_mnist_config

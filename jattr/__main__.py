@@ -1,0 +1,5 @@
+import sys
+
+from jattr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,161 @@
+"""Random projection of per-example gradients, regenerated from a seed.
+
+TRAK-style features compress a gradient g ∈ R^P to
+
+    φ = Pᵀ g ∈ R^k,      P_{pj} ~ N(0, 1)/√k   or   ±1/√k (Rademacher),
+
+so that inner products are preserved in expectation, E[φ_iᵀ φ_j] = g_iᵀ E[P Pᵀ] g_j
+= g_iᵀ g_j (E[P Pᵀ] = I), with relative error O(1/√k) (Johnson–Lindenstrauss).
+
+P (P × k, e.g. 10⁷ × 4096) is never stored. The parameter axis is cut into blocks of
+``block_size`` rows and block b of P is regenerated from ``fold_in(key(seed), b)``
+each time it is needed, so the same seed always gives the same P, independent of
+N, of the chunking, and of the device. ``projection_matrix`` materialises it for
+tests and small problems.
+
+``featurize`` fuses per-example gradients and projection chunk by chunk: only a
+chunk's gradients [chunk_size, P] exist at once, never the full [N, P]. The price
+is regenerating P once per chunk (P·k random numbers), so use chunks of at least a
+few dozen examples. Matmuls run at JAX's default precision; set
+``jax_default_matmul_precision`` to ``"highest"`` to exclude TF32 on GPUs (its
+≈1e-3 relative error is far below the JL error ≈ 1/√k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+
+from jattr.grads.per_example import ExampleFn, flatten_per_example, map_chunks
+from jattr.types import Params
+
+KINDS = ("gaussian", "rademacher")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionConfig:
+  """A seeded random projection R^P → R^k (static and hashable).
+
+  Attributes:
+    dim: k, the projected dimension.
+    kind: ``"gaussian"`` (entries N(0, 1)/√k) or ``"rademacher"`` (±1/√k).
+    seed: integer seed; block b of P comes from ``fold_in(jax.random.key(seed), b)``.
+    block_size: rows of P regenerated at a time; memory block_size × k.
+  """
+
+  dim: int
+  kind: Literal["gaussian", "rademacher"] = "rademacher"
+  seed: int = 0
+  block_size: int = 1024
+
+  def __post_init__(self):
+    if int(self.dim) < 1:
+      raise ValueError(f"ProjectionConfig.dim must be >= 1, got {self.dim}")
+    if self.kind not in KINDS:
+      raise ValueError(f"ProjectionConfig.kind must be one of {KINDS}, got {self.kind!r}")
+    if int(self.block_size) < 1:
+      raise ValueError(f"ProjectionConfig.block_size must be >= 1, got {self.block_size}")
+
+
+def random_matrix(key: jax.Array, shape: tuple[int, int], kind: str, dtype) -> jax.Array:
+  """A [rows, k] block of a projection: N(0,1)/√k or ±1/√k, k = shape[1]."""
+  if kind == "gaussian":
+    m = jax.random.normal(key, shape, dtype)
+  elif kind == "rademacher":
+    m = jax.random.rademacher(key, shape, dtype)
+  else:
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  return m / jnp.sqrt(jnp.asarray(shape[1], dtype))
+
+
+def block_matrix(config: ProjectionConfig, block_index, dtype=jnp.float32) -> jax.Array:
+  """Rows [b·block_size, (b+1)·block_size) of P, shape [block_size, k]."""
+  key = jax.random.fold_in(jax.random.key(config.seed), block_index)
+  return random_matrix(key, (config.block_size, config.dim), config.kind, dtype)
+
+
+def projection_matrix(config: ProjectionConfig, num_params: int, dtype=jnp.float32
+                      ) -> jax.Array:
+  """The full P [num_params, k] that ``project`` applies block by block.
+
+  Only for tests and small problems: it stores num_params × k numbers.
+  """
+  num_blocks = -(-int(num_params) // config.block_size)
+  blocks = [block_matrix(config, b, dtype) for b in range(num_blocks)]
+  return jnp.concatenate(blocks, axis=0)[:num_params]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def project(config: ProjectionConfig, flat_grads: jax.Array) -> jax.Array:
+  """Projects gradients, φ_i = Pᵀ g_i, one block of P at a time.
+
+      Φ = G P = Σ_b G[:, block b] · P_b
+
+  Args:
+    config: the projection.
+    flat_grads: G, shape [N, P] (``jattr.grads.flatten_per_example`` order).
+
+  Returns:
+    Φ, shape [N, k], in ``flat_grads``' dtype.
+  """
+  if flat_grads.ndim != 2:
+    raise ValueError(f"flat_grads must have shape [N, P], got {flat_grads.shape}")
+  n, p = flat_grads.shape
+  bs, dtype = config.block_size, flat_grads.dtype
+  num_full, tail = divmod(p, bs)
+
+  def body(b, acc):
+    g_b = jax.lax.dynamic_slice_in_dim(flat_grads, b * bs, bs, axis=1)
+    return acc + g_b @ block_matrix(config, b, dtype)
+
+  acc = jnp.zeros((n, config.dim), dtype)
+  if num_full:
+    acc = jax.lax.fori_loop(0, num_full, body, acc)
+  if tail:
+    acc = acc + flat_grads[:, num_full * bs:] @ block_matrix(config, num_full, dtype)[:tail]
+  return acc
+
+
+def project_grads_fn(fn: ExampleFn, config: ProjectionConfig
+                     ) -> Callable[[Params, Any], jax.Array]:
+  """Fuses per-example gradients and projection for one chunk of examples.
+
+      φ_i = Pᵀ ∇_θ fn(θ; z_i)
+
+  Args:
+    fn: ``fn(params, example) -> scalar``, for ONE example.
+    config: the projection.
+
+  Returns:
+    ``features(params, examples [C, ...]) -> [C, k]``.
+  """
+  batch_grad = jax.vmap(jax.grad(fn), in_axes=(None, 0))
+
+  def features(params, examples):
+    return project(config, flatten_per_example(batch_grad(params, examples)))
+
+  return features
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "config", "chunk_size"))
+def featurize(fn: ExampleFn, params: Params, examples, config: ProjectionConfig, *,
+              chunk_size: int | None = None) -> jax.Array:
+  """Projected per-example gradients Φ = [Pᵀ ∇_θ fn(θ; z_i)]_i, chunk by chunk.
+
+  Args:
+    fn: ``fn(params, example) -> scalar``, for ONE example (e.g. a
+      ``jattr.diffusion.measurements.measurement_fn``).
+    params: θ.
+    examples: pytree with leading axis N.
+    config: the projection.
+    chunk_size: examples whose gradients exist at once; ``None`` = all N.
+
+  Returns:
+    Φ, shape [N, k].
+  """
+  features = project_grads_fn(fn, config)
+  return map_chunks(lambda ex: features(params, ex), examples, chunk_size=chunk_size)

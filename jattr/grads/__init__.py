@@ -1,0 +1,6 @@
+"""Per-example gradients, chunked."""
+
+from jattr.grads.per_example import flatten_per_example
+from jattr.grads.per_example import map_chunks
+from jattr.grads.per_example import per_example_flat_grads
+from jattr.grads.per_example import per_example_grads

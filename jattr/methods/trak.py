@@ -1,0 +1,228 @@
+"""TRAK, D-TRAK and Journey-TRAK scores from projected gradient features.
+
+With train features Φ = [φ_1 … φ_N]ᵀ ∈ R^{N×k} (φ_i = Pᵀ ∇_θ f(θ; x_i), see
+``jattr.features.featurize``) and a query feature φ_q, the TRAK score of training
+example i for query q is
+
+    τ[q, i] = φ_qᵀ (ΦᵀΦ + λ I)⁻¹ φ_i,
+
+the Gauss–Newton influence of x_i on x_q in the linearised (feature) model; for
+diffusion there is no classification "Q" (1 − p) term (docs/trak.md). TRAK
+(Park et al. 2023) uses f = loss; D-TRAK (Zheng et al. 2024) uses the same formula
+with another f (``square_norm``, …) on both sides; Journey-TRAK (Georgiev et al.
+2023) scores each sampling step with that step's loss.
+
+Split as in lineax: ``trak_fit`` does the expensive, reusable work once (ΦᵀΦ, its
+Cholesky factor), ``trak_score`` the cheap per-query work; an ensemble or a set of
+checkpoints averages per-model scores (``trak_ensemble_score``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import numpy as np
+
+from jattr.diffusion.measurements import trajectory_step_measurement
+from jattr.diffusion.samplers import Trajectory
+from jattr.diffusion.schedules import Schedule
+from jattr.features.projection import ProjectionConfig, featurize
+from jattr.methods.scoring import tiled_scores, tiled_scores_into
+from jattr.types import ApplyFn, Parameterization, Params
+
+DEFAULT_RELATIVE_DAMPING = 1e-3
+
+
+class TrakState(NamedTuple):
+  """What ``trak_fit`` computes once per model.
+
+  Attributes:
+    features: Φ, the train features [N, k].
+    cholesky: lower-triangular L with L Lᵀ = ΦᵀΦ + λ I, [k, k].
+    damping: λ, a scalar.
+  """
+
+  features: jax.Array
+  cholesky: jax.Array
+  damping: jax.Array
+
+
+def default_damping(train_features: jax.Array,
+                    relative_damping: float = DEFAULT_RELATIVE_DAMPING) -> jax.Array:
+  """The scale-free damping λ = c · tr(ΦᵀΦ)/k = c · ‖Φ‖²_F / k.
+
+  tr(ΦᵀΦ)/k is the mean eigenvalue of ΦᵀΦ, so λ is a fixed fraction c of it and the
+  scores do not change when f (hence Φ) is rescaled by a constant; c is to be chosen
+  on validation queries (METHODS.md §3), not on the reported ones.
+
+  Args:
+    train_features: Φ, [N, k].
+    relative_damping: c.
+
+  Returns:
+    λ, a scalar in Φ's dtype.
+  """
+  return relative_damping * jnp.sum(jnp.square(train_features)) / train_features.shape[1]
+
+
+def trak_fit(train_features: jax.Array, *, damping: float | None = None,
+             relative_damping: float = DEFAULT_RELATIVE_DAMPING) -> TrakState:
+  """Factorises the damped feature kernel ΦᵀΦ + λ I.
+
+  Args:
+    train_features: Φ, [N, k].
+    damping: λ ≥ 0 explicitly; ``None`` uses ``default_damping(Φ, relative_damping)``.
+      λ = 0 needs N ≥ k and Φ of full column rank.
+    relative_damping: c of the default damping.
+
+  Returns:
+    A ``TrakState``.
+  """
+  if train_features.ndim != 2:
+    raise ValueError(f"train_features must have shape [N, k], got {train_features.shape}")
+  if damping is None:
+    lam = default_damping(train_features, relative_damping)
+  else:
+    if isinstance(damping, (int, float)) and damping < 0:
+      raise ValueError(f"damping must be >= 0 or None, got {damping}")
+    lam = jnp.asarray(damping, train_features.dtype)
+  return TrakState(features=train_features, cholesky=_damped_cholesky(train_features, lam),
+                   damping=lam)
+
+
+@jax.jit
+def _damped_cholesky(features, lam):
+  gram = features.T @ features
+  return jnp.linalg.cholesky(gram + lam * jnp.eye(gram.shape[0], dtype=gram.dtype))
+
+
+@jax.jit
+def _precondition(cholesky, query_features):
+  """ψ_q = (ΦᵀΦ + λI)⁻¹ φ_q for every row, [Q, k]."""
+  return jsl.cho_solve((cholesky, True), query_features.T.astype(cholesky.dtype)).T
+
+
+def trak_score(state: TrakState, query_features: jax.Array, *,
+               tile: tuple[int, int] = (1024, 8192), out: np.ndarray | None = None):
+  """τ[q, i] = φ_qᵀ (ΦᵀΦ + λ I)⁻¹ φ_i.
+
+  The queries are preconditioned once, ψ_q = (ΦᵀΦ + λ I)⁻¹ φ_q (two triangular
+  solves with the Cholesky factor), then τ = Ψ Φᵀ is assembled tile by tile.
+
+  Args:
+    state: from ``trak_fit``.
+    query_features: [Q, k], built with the same projection (and model) as Φ.
+    tile: (tile_q, tile_n) of ``jattr.methods.scoring``.
+    out: optional preallocated numpy array / memmap [Q, N] to write into (the scores
+      then never exist whole on the device).
+
+  Returns:
+    τ, [Q, N] (``out`` itself when given).
+  """
+  k = state.features.shape[1]
+  if query_features.ndim != 2 or query_features.shape[1] != k:
+    raise ValueError(f"query_features must have shape [Q, k={k}], got {query_features.shape}")
+  psi = _precondition(state.cholesky, query_features)
+  if out is not None:
+    return tiled_scores_into(out, psi, state.features, *tile)
+  return tiled_scores(psi, state.features, *tile)
+
+
+def trak_ensemble_score(models: Sequence[tuple[jax.Array, jax.Array]],
+                        damping: float | None = None, *,
+                        relative_damping: float = DEFAULT_RELATIVE_DAMPING,
+                        tile: tuple[int, int] = (1024, 8192)) -> jax.Array:
+  """Mean of per-model TRAK scores over an ensemble or a set of checkpoints.
+
+      τ[q, i] = 1/M Σ_m φ_{q,m}ᵀ (Φ_mᵀ Φ_m + λ_m I)⁻¹ φ_{i,m}
+
+  Args:
+    models: M pairs (train_features [N, k_m], query_features [Q, k_m]), one per model.
+    damping: λ for every model; ``None`` uses each model's own scale-free default
+      (so models whose gradients differ in scale are weighted alike).
+    relative_damping: c of the default damping.
+    tile: as in ``trak_score``.
+
+  Returns:
+    τ, [Q, N].
+  """
+  if len(models) == 0:
+    raise ValueError("models must hold at least one (train_features, query_features) pair")
+  total = None
+  for train_features, query_features in models:
+    state = trak_fit(train_features, damping=damping, relative_damping=relative_damping)
+    scores = trak_score(state, query_features, tile=tile)
+    total = scores if total is None else total + scores
+  return total / len(models)
+
+
+def journey_noise(key: jax.Array, step: int, shape: tuple[int, ...], dtype=jnp.float32):
+  """The fixed noise ε_s of trajectory step ``step``: ``normal(fold_in(key, step))``."""
+  return jax.random.normal(jax.random.fold_in(key, step), shape, dtype)
+
+
+def journey_trak_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule,
+                        trajectory: Trajectory, steps: Sequence[int], train_images: jax.Array,
+                        key: jax.Array, config: ProjectionConfig, *,
+                        parameterization: Parameterization = "eps",
+                        damping: float | None = None,
+                        relative_damping: float = DEFAULT_RELATIVE_DAMPING,
+                        chunk_size: int | None = None,
+                        tile: tuple[int, int] = (1024, 8192)) -> jax.Array:
+  """Journey-TRAK: one TRAK score matrix per chosen sampling step.
+
+  At step s (timestep t_s, sampler prediction x̂₀^(s)), with one fixed noise ε_s
+  shared by every sample and every training image,
+
+      f_s(θ; x) = 1/D ‖y − o_θ(√ᾱ_{t_s} x + √(1−ᾱ_{t_s}) ε_s, t_s)‖²,
+      τ_s[b, i] = φ_s(x̂₀^(s)_b)ᵀ (Φ_sᵀ Φ_s + λ_s I)⁻¹ φ_s(x_i),
+
+  φ_s(x) = Pᵀ ∇_θ f_s(θ; x) and Φ_s stacks φ_s(x_i) over the training set, so each
+  step costs one featurisation of the training set.
+
+  Args:
+    apply_fn, params: the model that produced ``trajectory``.
+    schedule: its noise schedule.
+    trajectory: a recorded sampling path (``return_trajectory=True``), S steps, B samples.
+    steps: indices into the trajectory's S steps (not timesteps).
+    train_images: [N, H, W, C].
+    key: PRNG key of the per-step noises (``journey_noise(key, s, ...)``).
+    config: the projection.
+    parameterization: how the network output is read.
+    damping, relative_damping: as in ``trak_fit``, per step.
+    chunk_size: featurisation chunk.
+    tile: as in ``trak_score``.
+
+  Returns:
+    τ, [len(steps), B, N].
+  """
+  num_steps = trajectory.t.shape[0]
+  steps = [int(s) for s in steps]
+  if not steps or any(not 0 <= s < num_steps for s in steps):
+    raise ValueError(f"steps must be a non-empty list of indices in [0, S={num_steps}), "
+                     f"got {steps}")
+  image_shape = tuple(trajectory.x0_pred.shape[2:])
+  if tuple(train_images.shape[1:]) != image_shape:
+    raise ValueError(f"train_images must have shape [N, *{image_shape}], got "
+                     f"{train_images.shape}")
+  step_loss = trajectory_step_measurement(apply_fn, schedule, parameterization=parameterization)
+
+  # t and eps are traced arguments, so every step reuses one compiled program.
+  @jax.jit
+  def step_features(params, images, t, eps):
+    fn = lambda p, x: step_loss(p, x, t, eps)
+    return featurize(fn, params, images, config, chunk_size=chunk_size)
+
+  scores = []
+  for s in steps:
+    t = trajectory.t[s]
+    eps = journey_noise(key, s, image_shape, train_images.dtype)
+    train_features = step_features(params, train_images, t, eps)
+    query_features = step_features(params, trajectory.x0_pred[s].astype(train_images.dtype),
+                                   t, eps)
+    state = trak_fit(train_features, damping=damping, relative_damping=relative_damping)
+    scores.append(trak_score(state, query_features, tile=tile))
+  return jnp.stack(scores)

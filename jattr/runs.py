@@ -1,0 +1,197 @@
+"""A run directory: one trained denoiser, its recipe, checkpoints and samples.
+
+Layout of ``<run>/``::
+
+    config.json         the RunConfig (dataset, model, schedule, recipe, seeds)
+    train_indices.npy   which examples of the dataset the model was trained on
+    checkpoints/        orbax TrainState per segment (resumable)
+    losses.csv          step, training loss
+    samples.npz         generated samples (x [B,H,W,C] in [-1, 1], key, sampler)
+    samples.png         the same as a picture
+
+This is the edge of the library where disk lives; the CLI and the experiment
+drivers call it, and everything below it is pure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from typing import Any, Literal
+
+import jax
+import numpy as np
+
+from jattr import diffusion
+from jattr.data import Dataset, load_dataset, random_subset, resize
+from jattr.io import checkpoint, images
+from jattr.models import UNetConfig, config_by_name, make_apply_fn, make_init_fn, num_params
+from jattr.train import TrainConfig, TrainState, init_state, make_optimizer, member_keys, train
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything that defines a trained model.
+
+  Attributes:
+    dataset: a ``jattr.data.load_dataset`` name.
+    data_dir: folder of the real datasets (None: ``$JATTR_DATA``; digits needs none).
+    num_train: train on a seeded random subset of this size (None: all).
+    subset_seed: seed of that subset.
+    image_size: resize images to this square size (None: native).
+    model: the UNet (a preset's config, possibly edited).
+    schedule: ``"linear"`` or ``"cosine"``.
+    num_timesteps: T.
+    train: the optimisation recipe.
+    seed: model seed; ``member_keys(seed)`` gives its init and training keys.
+    num_samples, sampler, sampler_steps, sample_seed: what ``jattr sample`` makes.
+  """
+
+  dataset: str = "digits"
+  data_dir: str | None = None
+  num_train: int | None = None
+  subset_seed: int = 0
+  image_size: int | None = None
+  model: UNetConfig = dataclasses.field(default_factory=lambda: config_by_name("digits"))
+  schedule: Literal["linear", "cosine"] = "linear"
+  num_timesteps: int = 1000
+  train: TrainConfig = TrainConfig()
+  seed: int = 0
+  num_samples: int = 64
+  sampler: Literal["ddpm", "ddim"] = "ddpm"
+  sampler_steps: int = 100
+  sample_seed: int = 0
+
+  def to_json(self) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  @classmethod
+  def from_json(cls, d: dict) -> "RunConfig":
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"unknown RunConfig keys {sorted(unknown)}; expected some of {sorted(known)}")
+    if isinstance(d.get("model"), str):
+      d["model"] = config_by_name(d["model"])
+    elif isinstance(d.get("model"), dict):
+      d["model"] = UNetConfig(**d["model"])
+    if isinstance(d.get("train"), dict):
+      d["train"] = TrainConfig(**d["train"])
+    return cls(**d)
+
+  @property
+  def noise_schedule(self) -> diffusion.Schedule:
+    return diffusion.Schedule(self.schedule, self.num_timesteps)
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+  """Reads a RunConfig from JSON (``model`` may be a preset name)."""
+  with open(path) as f:
+    return RunConfig.from_json(json.load(f))
+
+
+def training_data(cfg: RunConfig) -> tuple[Dataset, np.ndarray]:
+  """The dataset the run trains on, and its indices into the full split."""
+  ds = load_dataset(cfg.dataset, cfg.data_dir, split="train")
+  idx = np.arange(len(ds))
+  if cfg.num_train is not None:
+    ds, idx = random_subset(ds, cfg.num_train, cfg.subset_seed)
+  if cfg.image_size is not None:
+    ds = resize(ds, cfg.image_size)
+  if ds.shape != cfg.model.image_shape:
+    raise ValueError(f"dataset {cfg.dataset!r} gives images of shape {ds.shape} but the model "
+                     f"expects {cfg.model.image_shape}; set image_size or the model's image_shape")
+  return ds, idx
+
+
+def model_fns(cfg: RunConfig):
+  """``(apply_fn, init_fn)`` of the run's UNet."""
+  return make_apply_fn(cfg.model), make_init_fn(cfg.model)
+
+
+def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True) -> TrainState:
+  """Trains (or resumes training) the run's model and writes the run directory."""
+  run = pathlib.Path(run_dir)
+  run.mkdir(parents=True, exist_ok=True)
+  cfg_path = run / "config.json"
+  if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg.to_json():
+    raise ValueError(f"{cfg_path} holds a different configuration; choose another run "
+                     f"directory or delete it")
+  cfg_path.write_text(json.dumps(cfg.to_json(), indent=2))
+  ds, idx = training_data(cfg)
+  np.save(run / "train_indices.npy", idx)
+  apply_fn, init_fn = model_fns(cfg)
+  init_key, train_key = member_keys(cfg.seed)
+  params = init_fn(init_key)
+  t0 = time.perf_counter()
+  state, losses = train(apply_fn, params, cfg.noise_schedule, ds.x, cfg.train, train_key,
+                        checkpoint_dir=run / "checkpoints", progress=progress,
+                        meta={"params": num_params(params)})
+  elapsed = time.perf_counter() - t0
+  with open(run / "losses.csv", "w") as f:
+    f.write("step,loss\n")
+    f.writelines(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses))
+  (run / "train_summary.json").write_text(json.dumps({
+      "num_params": num_params(params), "num_train": len(ds), "steps": cfg.train.num_steps,
+      "final_loss_mean_last_100": float(np.mean(losses[-100:])),
+      "seconds_this_invocation": elapsed, "backend": jax.default_backend()}, indent=2))
+  return state
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[RunConfig, Any, Any]:
+  """``(config, apply_fn, ema_params)`` of a trained run.
+
+  Raises:
+    FileNotFoundError: if the directory has no config or no checkpoint.
+  """
+  run = pathlib.Path(run_dir)
+  if not (run / "config.json").exists():
+    raise FileNotFoundError(f"{run / 'config.json'} not found: is {run} a run directory "
+                            f"made by `jattr train`?")
+  cfg = load_config(run / "config.json")
+  apply_fn, init_fn = model_fns(cfg)
+  template = jax.eval_shape(lambda: init_state(init_fn(jax.random.key(0)),
+                                               make_optimizer(cfg.train)))
+  state, _, step = checkpoint.restore(run / "checkpoints", template)
+  if step < cfg.train.num_steps:
+    raise ValueError(f"run {run} stopped at step {step} of {cfg.train.num_steps}; "
+                     f"run `jattr train` again with the same config to finish it")
+  return cfg, apply_fn, state.ema_params
+
+
+def sample(cfg: RunConfig, apply_fn, params, key: jax.Array, num: int, *,
+           return_trajectory: bool = False):
+  """Generates ``num`` samples with the run's sampler (jit-compiled)."""
+  shape = (num, *cfg.model.image_shape)
+  sched = cfg.noise_schedule
+  if cfg.sampler == "ddpm":
+    fn = lambda p, k: diffusion.ddpm_sample(  # noqa: E731
+        apply_fn, p, sched, k, shape, parameterization=cfg.train.parameterization,
+        return_trajectory=return_trajectory)
+  elif cfg.sampler == "ddim":
+    fn = lambda p, k: diffusion.ddim_sample(  # noqa: E731
+        apply_fn, p, sched, k, shape, cfg.sampler_steps,
+        parameterization=cfg.train.parameterization, return_trajectory=return_trajectory)
+  else:
+    raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {cfg.sampler!r}")
+  return jax.jit(fn)(params, key)
+
+
+def sample_run(run_dir: str | os.PathLike, *, num: int | None = None, seed: int | None = None,
+               ) -> tuple[np.ndarray, str]:
+  """Samples from a trained run; writes ``samples.npz`` and ``samples.png``."""
+  run = pathlib.Path(run_dir)
+  cfg, apply_fn, params = load_run(run)
+  num = cfg.num_samples if num is None else num
+  seed = cfg.sample_seed if seed is None else seed
+  x = np.asarray(sample(cfg, apply_fn, params, jax.random.key(seed), num))
+  np.savez(run / "samples.npz", x=x, seed=seed, sampler=cfg.sampler)
+  scale = max(1, 64 // cfg.model.image_shape[0])
+  png = images.save_grid(x, run / "samples.png", scale=scale)
+  return x, png
+
+
