@@ -1,8 +1,9 @@
 """The ``jattr`` command line: thin wrappers over ``jattr.runs`` and the library.
 
-    jattr run      [--out DIR] [--config FILE] [flags]   train, sample (the README job)
+    jattr run      [--out DIR] [--config FILE] [flags]   train, sample, attribute (README job)
     jattr train    [--out DIR] [--config FILE] [flags]   train (resumes if interrupted)
     jattr sample   --run DIR [--num N] [--seed S]        generate a grid from a run
+    jattr attribute --run DIR                            D-TRAK report for the samples
 """
 
 from __future__ import annotations
@@ -77,10 +78,19 @@ def cmd_sample(args) -> None:
   print(f"{len(x)} samples in {time.perf_counter() - t0:.0f} s -> {png}")
 
 
+def cmd_attribute(args) -> None:
+  from jattr import runs
+
+  t0 = time.perf_counter()
+  page = runs.attribute_run(args.run, progress=not getattr(args, "quiet", False))
+  print(f"attributed samples in {time.perf_counter() - t0:.0f} s; report: {page}")
+
+
 def cmd_run(args) -> None:
   cmd_train(args)
   args.run, args.num, args.seed = args.out, None, None
   cmd_sample(args)
+  cmd_attribute(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num", type=int, help="number of samples (default: the run's config)")
   p.add_argument("--seed", type=int, help="sampler seed (default: the run's config)")
   p.set_defaults(func=cmd_sample)
+  p = sub.add_parser("attribute", help="attribute a run's samples (D-TRAK) and write a report")
+  p.add_argument("--run", default=DEFAULT_OUT, help="run directory (default: %(default)s)")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.set_defaults(func=cmd_attribute)
   return parser
 
 

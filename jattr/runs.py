@@ -8,6 +8,8 @@ Layout of ``<run>/``::
     losses.csv          step, training loss
     samples.npz         generated samples (x [B,H,W,C] in [-1, 1], key, sampler)
     samples.png         the same as a picture
+    attribution/        index.html + query_XXX.png (each sample beside its top
+                        training images), scores.npz (τ [Q, N]), train_features.npy
 
 This is the edge of the library where disk lives; the CLI and the experiment
 drivers call it, and everything below it is pure.
@@ -23,6 +25,7 @@ import time
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jattr import diffusion
@@ -30,6 +33,36 @@ from jattr.data import Dataset, load_dataset, random_subset, resize
 from jattr.io import checkpoint, images
 from jattr.models import UNetConfig, config_by_name, make_apply_fn, make_init_fn, num_params
 from jattr.train import TrainConfig, TrainState, init_state, make_optimizer, member_keys, train
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributionConfig:
+  """How ``jattr run`` / ``attribute_run`` attributes the generated samples.
+
+  Attributes:
+    measurement: the output function f (``jattr.diffusion.measurements``);
+      ``"square_norm"`` is D-TRAK, ``"loss"`` plain TRAK.
+    num_draws: K fixed (t, ε) draws f is averaged over.
+    timesteps: ``"uniform"`` or ``"random"`` draw timesteps.
+    draw_seed: seed of the draws.
+    proj_dim: k, the random-projection dimension.
+    proj_kind: ``"rademacher"`` or ``"gaussian"``.
+    proj_seed: seed of the projection.
+    relative_damping: TRAK damping λ as a fraction of the mean eigenvalue of ΦᵀΦ.
+    chunk_size: examples whose gradients exist at once.
+    top_k: training images shown per sample.
+  """
+
+  measurement: str = "square_norm"
+  num_draws: int = 10
+  timesteps: Literal["uniform", "random"] = "uniform"
+  draw_seed: int = 0
+  proj_dim: int = 2048
+  proj_kind: Literal["rademacher", "gaussian"] = "rademacher"
+  proj_seed: int = 0
+  relative_damping: float = 1e-3
+  chunk_size: int = 128
+  top_k: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +97,7 @@ class RunConfig:
   sampler: Literal["ddpm", "ddim"] = "ddpm"
   sampler_steps: int = 100
   sample_seed: int = 0
+  attribution: AttributionConfig = AttributionConfig()
 
   def to_json(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -81,6 +115,8 @@ class RunConfig:
       d["model"] = UNetConfig(**d["model"])
     if isinstance(d.get("train"), dict):
       d["train"] = TrainConfig(**d["train"])
+    if isinstance(d.get("attribution"), dict):
+      d["attribution"] = AttributionConfig(**d["attribution"])
     return cls(**d)
 
   @property
@@ -191,7 +227,72 @@ def sample_run(run_dir: str | os.PathLike, *, num: int | None = None, seed: int 
   x = np.asarray(sample(cfg, apply_fn, params, jax.random.key(seed), num))
   np.savez(run / "samples.npz", x=x, seed=seed, sampler=cfg.sampler)
   scale = max(1, 64 // cfg.model.image_shape[0])
-  png = images.save_grid(x, run / "samples.png", scale=scale)
+  png = images.save_grid(x, run / "samples.png", scale=scale, pad=2)
   return x, png
 
 
+
+
+def attribute_run(run_dir: str | os.PathLike, *, progress: bool = True) -> str:
+  """Attributes the run's samples to its training images with (D-)TRAK; writes a report.
+
+  Features are φ = Pᵀ∇_θ f(θ; x) with the run's ``AttributionConfig`` (f, K draws,
+  projection) for every training image and every sample; scores are
+  τ[q, i] = φ_qᵀ(ΦᵀΦ + λI)⁻¹φ_i (``jattr.methods.trak``).
+
+  Returns:
+    The path of ``attribution/index.html``.
+  """
+  from jattr.diffusion.measurements import measurement_fn
+  from jattr.features import ProjectionConfig
+  from jattr.io.report import write_report
+  from jattr.methods.trak import trak_fit, trak_score
+
+  run = pathlib.Path(run_dir)
+  cfg, apply_fn, params = load_run(run)
+  a = cfg.attribution
+  if not (run / "samples.npz").exists():
+    raise FileNotFoundError(f"{run / 'samples.npz'} not found: run `jattr sample --run {run}`")
+  samples = np.load(run / "samples.npz")["x"]
+  ds, idx = training_data(cfg)
+  draws = diffusion.fixed_draws(jax.random.key(a.draw_seed), a.num_draws, cfg.model.image_shape,
+                                cfg.num_timesteps, a.timesteps)
+  f = measurement_fn(a.measurement, apply_fn, cfg.noise_schedule, draws,
+                     parameterization=cfg.train.parameterization)
+  proj = ProjectionConfig(a.proj_dim, a.proj_kind, a.proj_seed)
+  out = run / "attribution"
+  out.mkdir(exist_ok=True)
+  t0 = time.perf_counter()
+  train_feats = _featurize_blocks(f, params, ds.x, proj, a.chunk_size, progress, "train")
+  query_feats = _featurize_blocks(f, params, samples, proj, a.chunk_size, progress, "samples")
+  t_feat = time.perf_counter() - t0
+  np.save(out / "train_features.npy", train_feats)
+  state = trak_fit(jnp.asarray(train_feats), relative_damping=a.relative_damping)
+  scores = np.asarray(trak_score(state, jnp.asarray(query_feats)))
+  method = "D-TRAK" if a.measurement != "loss" else "TRAK"
+  return write_report(out, samples, ds.x, scores, train_ids=idx, top_k=a.top_k,
+                      title=f"{method} attribution of {len(samples)} samples ({cfg.dataset})",
+                      details={"method": f"{method}, f = {a.measurement}",
+                               "draws": f"K = {a.num_draws} ({a.timesteps}, seed {a.draw_seed})",
+                               "projection": f"k = {a.proj_dim} {a.proj_kind} (seed {a.proj_seed})",
+                               "damping": f"{float(state.damping):.3g} "
+                                          f"({a.relative_damping} x mean eigenvalue)",
+                               "training images": len(ds),
+                               "featurization time": f"{t_feat:.1f} s"})
+
+
+def _featurize_blocks(f, params, x, proj, chunk_size: int, progress: bool, what: str):
+  """``featurize`` over blocks of 4 chunks with a progress bar; the last block is
+  padded (by repeating its last example) so that one compiled program serves all."""
+  from tqdm.auto import tqdm
+
+  from jattr.features import featurize
+
+  block = 4 * chunk_size
+  n = x.shape[0]
+  pad = (-n) % block
+  xp = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+  out = [np.asarray(featurize(f, params, jnp.asarray(xp[s:s + block]), proj,
+                              chunk_size=chunk_size))
+         for s in tqdm(range(0, n, block), desc=f"featurize {what}", disable=not progress)]
+  return np.concatenate(out)[:n]

@@ -16,3 +16,6 @@ from jattr.diffusion.schedules import Schedule
 from jattr.diffusion.schedules import cosine
 from jattr.diffusion.schedules import linear
 from jattr.diffusion.schedules import q_sample
+from jattr.diffusion.measurements import MEASUREMENTS
+from jattr.diffusion.measurements import measurement_fn
+from jattr.diffusion.measurements import trajectory_step_measurement

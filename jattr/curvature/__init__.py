@@ -1,0 +1,32 @@
+"""Curvature of the diffusion training loss: the GGN and its approximations.
+
+Every approximation has the same split: an expensive ``fit_*`` returning a state
+(a pytree the user can save) and a cheap ``*_inverse_vp(state, v, damping)``
+applying (C + λ I)⁻¹ to one params-shaped vector (``damping=None``: 0.1 × the mean
+eigenvalue, per block for K-FAC and EK-FAC). See docs/influence.md.
+"""
+
+from jattr.curvature.diagonal import DiagonalState
+from jattr.curvature.diagonal import diagonal_inverse_vp
+from jattr.curvature.diagonal import diagonal_matvec
+from jattr.curvature.diagonal import fit_diagonal
+from jattr.curvature.diagonal import identity_inverse_vp
+from jattr.curvature.ekfac import EkfacState
+from jattr.curvature.ekfac import ekfac_eigenvalues
+from jattr.curvature.ekfac import ekfac_inverse_vp
+from jattr.curvature.ekfac import ekfac_matvec
+from jattr.curvature.ekfac import fit_ekfac
+from jattr.curvature.ggn import ESTIMATION_MODES
+from jattr.curvature.ggn import dense_ggn
+from jattr.curvature.ggn import dense_hessian
+from jattr.curvature.ggn import dense_inverse_vp
+from jattr.curvature.ggn import dense_operator
+from jattr.curvature.ggn import example_draw_pairs
+from jattr.curvature.ggn import ggn_matvec
+from jattr.curvature.ggn import ggn_sqrt_grads
+from jattr.curvature.ggn import training_loss
+from jattr.curvature.kfac import KfacState
+from jattr.curvature.kfac import fit_kfac
+from jattr.curvature.kfac import kfac_eigenvalues
+from jattr.curvature.kfac import kfac_inverse_vp
+from jattr.curvature.kfac import kfac_matvec

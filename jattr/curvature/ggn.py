@@ -1,0 +1,392 @@
+"""The generalised Gauss-Newton (GGN) matrix of the diffusion training loss.
+
+The training loss averages the per-example diffusion loss over the N training
+examples and a fixed set of K (t, ε) draws (``jattr.diffusion.draws``):
+
+    L(θ) = 1/(N K) Σ_{i,k} ℓ_ik(θ),    ℓ_ik(θ) = (1/D) ‖f_ik(θ) − y_ik‖²,
+
+with f_ik(θ) = ε_θ(x_t, t_k) ∈ R^D the network output for example i under draw k
+(x_t = √ᾱ x_i + √(1−ᾱ) ε_k), y_ik the regression target (ε_k, x_i or v, which never
+depends on θ) and D = H·W·C. ℓ is a squared error of the network output, so its
+Hessian with respect to the output is H_out = (2/D)·I (the factor 2 of the square
+and the 1/D of the mean over pixels both live here), and
+
+    G = 1/(N K) Σ_{i,k} J_ikᵀ H_out J_ik = 2/(D N K) Σ_{i,k} J_ikᵀ J_ik, J_ik = ∂f_ik/∂θ.
+
+G is the Hessian ∇²L with the second-derivative-of-the-network term dropped: it is
+positive semi-definite everywhere, equals ∇²L for a model linear in θ, and equals
+the Fisher of the Gaussian likelihood p(y | x) = N(f(θ), (D/2)·I) that ℓ is (up to a
+constant) the negative log of. ``dense_ggn`` and ``dense_hessian`` build both as
+dense [P, P] matrices for small models (the float64 references of the tests), with
+P the number of parameters and rows in ``jax.flatten_util.ravel_pytree`` order;
+``ggn_matvec`` multiplies by G without forming any Jacobian.
+
+Every curvature approximation in ``jattr.curvature`` (K-FAC, EK-FAC, diagonal) is
+built from *square-root rows* of G, ``ggn_sqrt_grads``: vectors γ_r = J_ikᵀ u_r in
+parameter space such that G = 1/(N K) Σ_r γ_r γ_rᵀ, exactly (u_r = √(2/D)·e_o, one
+row per output coordinate o) or in expectation (u_r random, one row per sample).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from jattr.diffusion.draws import Draws
+from jattr.diffusion.losses import per_example_loss, target
+from jattr.diffusion.schedules import Schedule, q_sample
+from jattr.grads.per_example import per_example_grads
+from jattr.types import ApplyFn, Parameterization, Params
+
+EstimationMode = Literal["ggn_exact", "ggn_curvature_prop", "fisher_gradients",
+                         "fisher_empirical"]
+ESTIMATION_MODES = ("ggn_exact", "ggn_curvature_prop", "fisher_gradients", "fisher_empirical")
+"""How the output-space curvature H_out = (2/D)·I is factored into rows u_r:
+
+* ``"ggn_exact"``: u_o = √(2/D)·e_o for every output coordinate o (D rows per
+  example-draw, exact; cost D backward passes per example-draw).
+* ``"ggn_curvature_prop"``: S rows u_s = √(2/(D S))·r_s, r_s Rademacher (unbiased,
+  the cheapest estimate for images).
+* ``"fisher_gradients"``: S rows u_s = √(2/(D S))·z_s, z_s standard normal: the
+  gradient of ℓ at a target sampled from the model's Gaussian (unbiased, the
+  "true Fisher" estimate).
+* ``"fisher_empirical"``: one row u = (2/D)(f − y), the real per-example gradient
+  (the empirical Fisher; biased: it is not G, only shares its units).
+"""
+
+
+DEFAULT_ESTIMATION_MODE = "ggn_curvature_prop"
+"""One Rademacher row per example-draw: exact in expectation, the cost of one
+backward pass per example-draw; the factors average it over all N·K pairs, which
+makes the noise small. ``"ggn_exact"`` costs D (the pixel count) backward passes per
+pair: the choice for small outputs and for tests."""
+
+
+def check_estimation_mode(estimation_mode: str) -> None:
+  if estimation_mode not in ESTIMATION_MODES:
+    raise ValueError(
+        f"estimation_mode must be one of {ESTIMATION_MODES}, got {estimation_mode!r}")
+
+
+def check_examples(x0, draws: Draws, name: str = "x0") -> None:
+  """Raises unless x0 is [N, *image] and draws.eps is [K, *image]."""
+  if jnp.ndim(x0) < 2:
+    raise ValueError(f"{name} must have shape [N, H, W, C], got {jnp.shape(x0)}")
+  if tuple(draws.eps.shape[1:]) != tuple(x0.shape[1:]):
+    image = ", ".join(map(str, x0.shape[1:]))
+    raise ValueError(f"draws.eps must have shape [K, *{name}.shape[1:]] = [K, {image}], got "
+                     f"{tuple(draws.eps.shape)}")
+  if draws.t.shape != draws.eps.shape[:1]:
+    raise ValueError(f"draws.t must have shape [K]={draws.eps.shape[:1]}, got {draws.t.shape}")
+
+
+def check_damping(damping) -> None:
+  """Raises for a negative or NaN damping given as a number (traced values pass)."""
+  if isinstance(damping, (int, float, np.number)) and not damping >= 0.0:
+    raise ValueError(f"damping must be None (the default) or >= 0, got {damping}")
+
+
+def example_draw_pairs(x0, draws: Draws):
+  """All N·K (example, draw) pairs, example-major.
+
+  Args:
+    x0: clean images [N, H, W, C].
+    draws: K fixed draws (``t`` [K], ``eps`` [K, H, W, C]).
+
+  Returns:
+    ``(x0 [N K, H, W, C], t [N K], eps [N K, H, W, C])``; row ``i K + k`` is
+    example i under draw k.
+  """
+  check_examples(x0, draws)
+  n, k = x0.shape[0], draws.num_draws
+  return (jnp.repeat(x0, k, axis=0), jnp.tile(draws.t, n),
+          jnp.tile(draws.eps, (n,) + (1,) * (draws.eps.ndim - 1)))
+
+
+def _outputs(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, t, eps):
+  return apply_fn(params, q_sample(schedule, x0, t, eps), t)
+
+
+def training_loss(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws,
+                  parameterization: Parameterization = "eps"):
+  """L(θ) = 1/(N K) Σ_{i,k} ℓ(θ; x_i, t_k, ε_k), the loss whose curvature G is.
+
+  Args:
+    apply_fn: ``apply_fn(params, x_t [B,H,W,C], t [B]) -> [B,H,W,C]``.
+    params: the parameters θ.
+    schedule: the noise schedule.
+    x0: training images [N, H, W, C].
+    draws: the K fixed (t, ε) draws.
+    parameterization: how the network output is read (``"eps"``, ``"x0"``, ``"v"``).
+
+  Returns:
+    A scalar.
+  """
+  xb, tb, eb = example_draw_pairs(x0, draws)
+  return jnp.mean(per_example_loss(apply_fn, params, schedule, xb, tb, eb, parameterization))
+
+
+def ggn_matvec(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws, v: Params,
+               *, chunk_size: int | None = None) -> Params:
+  """G v = 2/(D N K) Σ_{i,k} J_ikᵀ (J_ik v), by one jvp and one vjp per chunk.
+
+  Never forms a Jacobian: memory is that of a forward-and-backward pass over
+  ``chunk_size`` examples (times K draws). G does not depend on the
+  parameterization, since the target never depends on θ.
+
+  Args:
+    apply_fn: ``apply_fn(params, x_t [B,H,W,C], t [B]) -> [B,H,W,C]``.
+    params: the parameters θ at which G is evaluated.
+    schedule: the noise schedule.
+    x0: training images [N, H, W, C].
+    draws: the K fixed (t, ε) draws.
+    v: a vector, a pytree shaped like ``params``.
+    chunk_size: examples per jvp/vjp (each with all K draws); ``None`` takes all N
+      at once. The last chunk is padded and masked.
+
+  Returns:
+    G v, shaped like ``params``.
+  """
+  check_examples(x0, draws)
+  if jax.tree.structure(v) != jax.tree.structure(params):
+    raise ValueError("v must have the tree structure of params, got "
+                     f"{jax.tree.structure(v)} and {jax.tree.structure(params)}")
+  n, k = x0.shape[0], draws.num_draws
+  dim = math.prod(x0.shape[1:])
+  chunk = n if chunk_size is None else int(chunk_size)
+  if chunk < 1:
+    raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+  num_chunks = -(-n // chunk)
+  pad = num_chunks * chunk - n
+  xs = jnp.concatenate([x0, jnp.zeros((pad,) + x0.shape[1:], x0.dtype)])
+  xs = xs.reshape((num_chunks, chunk) + x0.shape[1:])
+  mask = (jnp.arange(num_chunks * chunk) < n).astype(x0.dtype).reshape(num_chunks, chunk)
+
+  def one_chunk(total, chunk_data):
+    xc, mc = chunk_data
+    xb, tb, eb = example_draw_pairs(xc, draws)
+    f = lambda p: _outputs(apply_fn, p, schedule, xb, tb, eb)
+    out, jv = jax.jvp(f, (params,), (v,))
+    weight = jnp.repeat(mc, k).reshape((-1,) + (1,) * (out.ndim - 1))
+    _, vjp = jax.vjp(f, params)
+    (gv,) = vjp(jv * weight * (2.0 / (dim * n * k)))
+    return jax.tree.map(jnp.add, total, gv), None
+
+  scan = jax.jit(lambda zeros, xs, mask: jax.lax.scan(one_chunk, zeros, (xs, mask))[0])
+  return scan(jax.tree.map(jnp.zeros_like, params), xs, mask)
+
+
+def dense_ggn(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws):
+  """G as a dense [P, P] matrix, 2/(D N K) Σ_{i,k} J_ikᵀ J_ik (small models only).
+
+  Rows and columns follow ``ravel_pytree(params)``. Run under float64 for a
+  reference: J is built with ``jax.jacfwd``, [N K D, P] in memory.
+
+  Args:
+    apply_fn, params, schedule: as in ``ggn_matvec``.
+    x0: training images [N, H, W, C].
+    draws: the K fixed (t, ε) draws.
+
+  Returns:
+    G, shape [P, P].
+  """
+  xb, tb, eb = example_draw_pairs(x0, draws)
+  flat, unravel = ravel_pytree(params)
+  dim = math.prod(x0.shape[1:])
+
+  @jax.jit
+  def ggn(flat, xb, tb, eb):
+    jac = jax.jacfwd(
+        lambda f: _outputs(apply_fn, unravel(f), schedule, xb, tb, eb).reshape(-1))(flat)
+    return (2.0 / (dim * xb.shape[0])) * (jac.T @ jac)
+
+  return ggn(flat, xb, tb, eb)
+
+
+def dense_hessian(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws,
+                  parameterization: Parameterization = "eps"):
+  """The exact Hessian ∇²L of ``training_loss`` as a dense [P, P] matrix.
+
+  Equals ``dense_ggn`` when the model is linear in θ (or where the residuals
+  f − y vanish); otherwise differs by the residual-weighted second derivatives
+  of the network, which can make it indefinite.
+
+  Returns:
+    ∇²L, shape [P, P], rows in ``ravel_pytree(params)`` order.
+  """
+  flat, unravel = ravel_pytree(params)
+  loss = lambda f, x0, draws: training_loss(apply_fn, unravel(f), schedule, x0, draws,
+                                            parameterization)
+  return jax.jit(jax.hessian(loss))(flat, x0, draws)
+
+
+def dense_operator(matvec: Callable[[Params], Params], params: Params):
+  """Materialises a linear map on params-shaped vectors as a [P, P] matrix.
+
+  Column j is ``matvec(e_j)`` with e_j the j-th unit vector of
+  ``ravel_pytree(params)``; use it to compare an approximation (e.g.
+  ``functools.partial(kfac_matvec, state)``) with ``dense_ggn`` on small models.
+  """
+  flat, unravel = ravel_pytree(params)
+  eye = jnp.eye(flat.size, dtype=flat.dtype)
+  cols = jax.vmap(lambda e: ravel_pytree(matvec(unravel(e)))[0])(eye)
+  return cols.T
+
+
+def dense_inverse_vp(matrix, v: Params, damping: float | None = None) -> Params:
+  """(M + λ I)⁻¹ v for a dense curvature M (e.g. ``dense_ggn``, ``dense_hessian``).
+
+  Args:
+    matrix: M, [P, P] in ``ravel_pytree`` order of ``v``.
+    v: a params-shaped vector.
+    damping: λ ≥ 0; ``None`` uses 0.1 × the mean eigenvalue of M (0.1·tr(M)/P).
+
+  Returns:
+    (M + λ I)⁻¹ v, shaped like ``v``.
+  """
+  check_damping(damping)
+  flat, unravel = ravel_pytree(v)
+  if matrix.shape != (flat.size, flat.size):
+    raise ValueError(f"matrix must have shape [P, P] = {(flat.size, flat.size)} for this v, "
+                     f"got {matrix.shape}")
+  lam = 0.1 * jnp.trace(matrix) / flat.size if damping is None else damping
+  return unravel(jnp.linalg.solve(matrix + lam * jnp.eye(flat.size, dtype=matrix.dtype), flat))
+
+
+def ggn_sqrt_grads(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws, *,
+                   estimation_mode: EstimationMode = DEFAULT_ESTIMATION_MODE,
+                   key: jax.Array | None = None, num_samples: int = 1,
+                   parameterization: Parameterization = "eps", chunk_size: int | None = None,
+                   wrt: tuple[int, ...] | None = None):
+  """Square-root rows γ_r = J_ikᵀ u_r of G for the examples ``x0``.
+
+  Over the whole training set, G = 1/(N K) Σ_r γ_r γ_rᵀ, exactly for
+  ``"ggn_exact"`` and in expectation over ``key`` for the sampled modes (see
+  ``ESTIMATION_MODES``; ``"fisher_empirical"`` gives the empirical Fisher
+  instead). Call it on chunks of the training set and sum: this is the
+  per-example-gradient input of EK-FAC and the diagonal approximations.
+
+  Each row is a per-example gradient of the scalar uᵀ f(θ), computed with
+  ``jattr.grads.per_example.per_example_grads``.
+
+  Args:
+    apply_fn, params, schedule: as in ``ggn_matvec``.
+    x0: n training images [n, H, W, C] (a chunk of the training set).
+    draws: the K fixed (t, ε) draws.
+    estimation_mode: see ``ESTIMATION_MODES``.
+    key: PRNG key, required by ``"ggn_curvature_prop"`` and ``"fisher_gradients"``.
+    num_samples: S, rows per example-draw for the sampled modes.
+    parameterization: needed by ``"fisher_empirical"`` (the target y).
+    chunk_size: passed to ``per_example_grads`` (rows per vmap).
+    wrt: optional indices into ``jax.tree.leaves(params)``: rows of those leaves
+      only (the gradient is taken with respect to them alone).
+
+  Returns:
+    A params-like pytree (a tuple of the ``wrt`` leaves if given) with a leading
+    axis of n·K·R rows, R = D (``"ggn_exact"``), S (sampled) or 1
+    (``"fisher_empirical"``); rows are example-major, then draw, then r.
+  """
+  check_estimation_mode(estimation_mode)
+  if estimation_mode in ("ggn_curvature_prop", "fisher_gradients"):
+    if key is None:
+      raise ValueError(f"estimation_mode={estimation_mode!r} samples and needs a key, got None")
+    if int(num_samples) < 1:
+      raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  xb, tb, eb = example_draw_pairs(x0, draws)
+  pairs = xb.shape[0]
+  dim = math.prod(x0.shape[1:])
+  dtype = xb.dtype
+  if estimation_mode == "ggn_exact":
+    u = jnp.broadcast_to(jnp.sqrt(2.0 / dim) * jnp.eye(dim, dtype=dtype), (pairs, dim, dim))
+  elif estimation_mode == "fisher_empirical":
+    out = _outputs(apply_fn, params, schedule, xb, tb, eb)
+    err = out - target(schedule, xb, tb, eb, parameterization)
+    u = (2.0 / dim) * err.reshape(pairs, 1, dim)
+  else:
+    shape = (pairs, int(num_samples), dim)
+    if estimation_mode == "ggn_curvature_prop":
+      r = jax.random.rademacher(key, shape, dtype=dtype)
+    else:
+      r = jax.random.normal(key, shape, dtype=dtype)
+    u = jnp.sqrt(2.0 / (dim * num_samples)) * r
+  per_pair = u.shape[1]
+  rows = (jnp.repeat(xb, per_pair, axis=0), jnp.repeat(tb, per_pair),
+          jnp.repeat(eb, per_pair, axis=0), u.reshape(pairs * per_pair, dim))
+
+  def projected_output(p, row):
+    x0_r, t_r, eps_r, u_r = row
+    out = _outputs(apply_fn, p, schedule, x0_r[None], t_r[None], eps_r[None])
+    return jnp.vdot(u_r, out.reshape(-1))
+
+  def grads(p, rows):
+    if wrt is None:
+      return per_example_grads(projected_output, p, rows, chunk_size=chunk_size)
+    leaves, treedef = jax.tree.flatten(p)
+
+    def sub_output(sub, row):
+      full = list(leaves)
+      for i, x in zip(wrt, sub):
+        full[i] = x
+      return projected_output(jax.tree.unflatten(treedef, full), row)
+
+    return per_example_grads(sub_output, tuple(leaves[i] for i in wrt), rows,
+                             chunk_size=chunk_size)
+
+  # jit even when called eagerly: op-by-op vmap(grad) is several times slower.
+  return jax.jit(grads)(params, rows)
+
+
+def accumulate_sqrt_grads(reduce_fn: Callable, aux, apply_fn: ApplyFn, params: Params,
+                          schedule: Schedule, x0, draws: Draws, *,
+                          estimation_mode: EstimationMode = DEFAULT_ESTIMATION_MODE,
+                          key: jax.Array | None = None, num_samples: int = 1,
+                          batch_size: int | None = None, chunk_size: int | None = None,
+                          parameterization: Parameterization = "eps",
+                          wrt: tuple[int, ...] | None = None):
+  """1/(N K) Σ_r reduce_fn(rows, aux) over the ``ggn_sqrt_grads`` rows of all of x0.
+
+  The statistic-gathering pass of EK-FAC and of the diagonal approximations:
+  ``batch_size`` examples at a time (each with all K draws) are turned into
+  rows γ_r and reduced by ``reduce_fn(rows, aux) -> pytree`` (a sum over rows,
+  e.g. Σ_r γ_r² for the GGN diagonal), then summed over batches. Memory is that of
+  one batch's rows. ``aux`` (e.g. eigenbases) is passed to the jitted reduction as
+  an argument, not baked in as a constant.
+
+  Args:
+    reduce_fn: ``reduce_fn(rows, aux)`` summing over the leading (row) axis.
+    aux: any pytree of arrays ``reduce_fn`` needs.
+    apply_fn, params, schedule, draws, estimation_mode, num_samples,
+      parameterization, chunk_size, wrt: as in ``ggn_sqrt_grads``.
+    x0: training images [N, H, W, C].
+    key: PRNG key of the sampled modes (``None``: a fixed key 0); batch b uses
+      ``fold_in(key, b)``.
+    batch_size: examples per pass; ``None`` takes all N at once.
+
+  Returns:
+    The pytree 1/(N K) Σ_r reduce_fn(γ_r), summed over all rows of all batches.
+  """
+  check_examples(x0, draws)
+  check_estimation_mode(estimation_mode)
+  n = x0.shape[0]
+  batch = n if batch_size is None else int(batch_size)
+  if batch < 1:
+    raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+  key = jax.random.PRNGKey(0) if key is None else key
+
+  @jax.jit
+  def one_batch(p, aux, xb, rng):
+    rows = ggn_sqrt_grads(apply_fn, p, schedule, xb, draws, estimation_mode=estimation_mode,
+                          key=rng, num_samples=num_samples, parameterization=parameterization,
+                          chunk_size=chunk_size, wrt=wrt)
+    return reduce_fn(rows, aux)
+
+  total = None
+  for b, start in enumerate(range(0, n, batch)):
+    part = one_batch(params, aux, x0[start:start + batch], jax.random.fold_in(key, b))
+    total = part if total is None else jax.tree.map(jnp.add, total, part)
+  return jax.tree.map(lambda s: s / (n * draws.num_draws), total)

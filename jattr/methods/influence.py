@@ -1,0 +1,211 @@
+"""Influence-function scores for diffusion models (K-FAC / EK-FAC influence).
+
+With the training loss L(θ) = 1/N Σ_i ℓ_i(θ), ℓ_i the diffusion loss of example i
+averaged over the K fixed (t, ε) draws (``measurement_fn("loss")``), and a
+measurement m_q(θ) of query q (any of ``jattr.diffusion.measurements.MEASUREMENTS``),
+the influence score is
+
+    τ[q, i] = ∇m_q(θ)ᵀ (G + λ I)⁻¹ ∇ℓ_i(θ),
+
+G the GGN of L (``jattr.curvature``) or an approximation of it. Sign and scale:
+removing example i and retraining moves the measurement by
+
+    m_q(θ₋ᵢ) − m_q(θ) ≈ τ[q, i] / N
+
+(one Newton step from θ on L − ℓ_i/N, docs/influence.md), so with m = loss a
+positive τ marks a training example that *lowers* the query's loss (a proponent).
+This is the sign of TRAK's φ_qᵀ(ΦᵀΦ + λI)⁻¹φ_i (``jattr.methods.trak``).
+
+Split as elsewhere: the curvature is fitted once (``jattr.curvature.fit_kfac``,
+``fit_ekfac``, ``fit_diagonal``; ``None`` = identity), the Q query gradients are
+preconditioned once (``precondition``), and the training gradients are computed
+tile by tile and dotted with them (``influence``), so memory is bounded by the tile
+size and never grows with N.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+
+from jattr.curvature.diagonal import DiagonalState, diagonal_inverse_vp, identity_inverse_vp
+from jattr.curvature.ekfac import EkfacState, ekfac_inverse_vp
+from jattr.curvature.ggn import check_damping, dense_inverse_vp
+from jattr.curvature.kfac import KfacState, kfac_inverse_vp
+from jattr.diffusion.draws import Draws
+from jattr.diffusion.measurements import measurement_fn
+from jattr.diffusion.schedules import Schedule
+from jattr.grads.per_example import (flatten_per_example, map_chunks, per_example_flat_grads,
+                                     per_example_grads)
+from jattr.methods.scoring import tiled_scores
+from jattr.types import ApplyFn, Parameterization, Params
+
+InverseVP = Callable[[Params], Params]
+"""``inverse_vp(v) -> (C + λ I)⁻¹ v`` for ONE params-shaped vector."""
+
+
+def inverse_vp_fn(curvature, damping: float | None = None) -> InverseVP:
+  """The (C + λ I)⁻¹ of a fitted curvature, as a function of one vector.
+
+  Args:
+    curvature: ``None`` (identity: τ is the gradient dot product), a
+      ``KfacState``, ``EkfacState``, ``DiagonalState``, or a dense [P, P] matrix
+      (``jattr.curvature.dense_ggn`` / ``dense_hessian``, small models).
+    damping: λ ≥ 0; ``None`` uses each curvature's default, 0.1 × its mean
+      eigenvalue (per block for K-FAC and EK-FAC). Ignored for the identity.
+
+  Returns:
+    ``inverse_vp(v) -> params-like``, a ``jax.tree_util.Partial``: a pytree whose
+    leaves are the curvature's arrays, so it can be passed into ``jax.jit``
+    without baking the curvature in as constants.
+  """
+  check_damping(damping)
+  if curvature is None:
+    return Partial(identity_inverse_vp, None, damping=damping)
+  if isinstance(curvature, KfacState):
+    return Partial(kfac_inverse_vp, curvature, damping=damping)
+  if isinstance(curvature, EkfacState):
+    return Partial(ekfac_inverse_vp, curvature, damping=damping)
+  if isinstance(curvature, DiagonalState):
+    return Partial(diagonal_inverse_vp, curvature, damping=damping)
+  if isinstance(curvature, (jax.Array, np.ndarray)) and curvature.ndim == 2:
+    return Partial(dense_inverse_vp, jnp.asarray(curvature), damping=damping)
+  raise TypeError(
+      "curvature must be None, a KfacState, EkfacState, DiagonalState or a dense [P, P] "
+      f"matrix, got {type(curvature).__name__}")
+
+
+def _leading(tree, name: str) -> int:
+  leaves = jax.tree.leaves(tree)
+  if not leaves or any(jnp.ndim(x) < 1 for x in leaves):
+    raise ValueError(f"{name} must be a pytree of arrays with a leading example axis")
+  sizes = {x.shape[0] for x in leaves}
+  if len(sizes) != 1:
+    raise ValueError(f"every leaf of {name} must have the same leading axis, got {sorted(sizes)}")
+  return sizes.pop()
+
+
+def precondition(query_grads: Params, inverse_vp: InverseVP, *,
+                 chunk_size: int | None = None) -> jax.Array:
+  """ψ_q = (C + λ I)⁻¹ ∇m_q for every query, flattened.
+
+  Args:
+    query_grads: params-like pytree with a leading axis Q (``per_example_grads``).
+    inverse_vp: from ``inverse_vp_fn``.
+    chunk_size: queries per ``vmap`` of ``inverse_vp``.
+
+  Returns:
+    Ψ, [Q, P], rows in ``ravel_pytree`` order (as ``flatten_per_example``).
+  """
+  _leading(query_grads, "query_grads")
+
+  def run(ivp, grads):
+    return map_chunks(lambda g: flatten_per_example(jax.vmap(ivp)(g)), grads,
+                      chunk_size=chunk_size)
+
+  if isinstance(inverse_vp, Partial):  # the curvature travels as a jit argument
+    return jax.jit(run)(inverse_vp, query_grads)
+  return jax.jit(functools.partial(run, inverse_vp))(query_grads)
+
+
+def influence_scores(query_grads: Params, train_grads, inverse_vp: InverseVP, *,
+                     tile: tuple[int, int] = (1024, 8192),
+                     chunk_size: int | None = None) -> jax.Array:
+  """τ[q, i] = ∇m_qᵀ (C + λ I)⁻¹ ∇ℓ_i from precomputed gradients.
+
+  The Q query gradients are preconditioned once, then dotted with the training
+  gradients tile by tile (``jattr.methods.scoring.tiled_scores``). For a
+  training set whose gradients do not fit in memory use ``influence``.
+
+  Args:
+    query_grads: ∇m_q, params-like with leading axis Q.
+    train_grads: ∇ℓ_i, params-like with leading axis N, or flat [N, P]
+      (``per_example_flat_grads``).
+    inverse_vp: from ``inverse_vp_fn``.
+    tile: (tile_q, tile_n) of the score assembly.
+    chunk_size: queries per ``vmap`` of ``inverse_vp``.
+
+  Returns:
+    τ, [Q, N].
+  """
+  psi = precondition(query_grads, inverse_vp, chunk_size=chunk_size)
+  if isinstance(train_grads, (jax.Array, np.ndarray)) and train_grads.ndim == 2:
+    train = jnp.asarray(train_grads)
+  else:
+    _leading(train_grads, "train_grads")
+    train = flatten_per_example(train_grads)
+  if train.shape[1] != psi.shape[1]:
+    raise ValueError(f"train_grads have P={train.shape[1]} parameters, query_grads "
+                     f"P={psi.shape[1]}")
+  return tiled_scores(psi, train.astype(psi.dtype), *tile)
+
+
+def _check_images(x, draws: Draws, name: str):
+  if jnp.ndim(x) != draws.eps.ndim or tuple(x.shape[1:]) != tuple(draws.eps.shape[1:]):
+    raise ValueError(f"{name} must have shape [N, {', '.join(map(str, draws.eps.shape[1:]))}] "
+                     f"(the draws' image shape), got {tuple(jnp.shape(x))}")
+
+
+def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draws, train_x0,
+              query_x0, curvature=None, *, measurement: str = "loss",
+              damping: float | None = None, parameterization: Parameterization = "eps",
+              time: int | None = None, weights=None, query_draws: Draws | None = None,
+              tile_size: int = 256, chunk_size: int | None = None) -> jax.Array:
+  """τ[q, i] = ∇m_qᵀ (C + λ I)⁻¹ ∇ℓ_i for all queries and training examples.
+
+  m_q = ``measurement_fn(measurement, ...)`` on query q (averaged over
+  ``query_draws``, default ``draws``); ℓ_i = ``measurement_fn("loss", ...)`` on
+  training example i, averaged over ``draws`` (use the draws the curvature was
+  fitted with). Training gradients are computed ``tile_size`` examples at a time
+  (``per_example_flat_grads``, ``chunk_size`` per vmap) and dotted with the
+  preconditioned queries; peak memory is about (Q + tile_size)·P.
+
+  Args:
+    apply_fn: ``apply_fn(params, x_t [B,H,W,C], t [B]) -> [B,H,W,C]``.
+    params: the trained parameters θ.
+    schedule: the noise schedule.
+    draws: the K fixed (t, ε) draws of the training loss.
+    train_x0: training images [N, H, W, C].
+    query_x0: query images [Q, H, W, C] (held-out or generated).
+    curvature: see ``inverse_vp_fn`` (``None``: identity, i.e. grad-dot).
+    measurement: the query measurement's name (``MEASUREMENTS``).
+    damping: λ; ``None`` for the curvature's default.
+    parameterization: how the network output is read.
+    time, weights: extra arguments of ``loss_at_time`` / ``weighted_loss``.
+    query_draws: the draws of the measurement (default ``draws``).
+    tile_size: training examples per gradient tile.
+    chunk_size: examples per ``vmap`` inside a tile (and queries per vmap).
+
+  Returns:
+    τ, [Q, N]; τ/N ≈ m_q(θ₋ᵢ) − m_q(θ).
+  """
+  _check_images(train_x0, draws, "train_x0")
+  _check_images(query_x0, draws if query_draws is None else query_draws, "query_x0")
+  if int(tile_size) < 1:
+    raise ValueError(f"tile_size must be >= 1, got {tile_size}")
+  m_fn = measurement_fn(measurement, apply_fn, schedule,
+                        draws if query_draws is None else query_draws,
+                        parameterization=parameterization, time=time, weights=weights)
+  loss_fn = measurement_fn("loss", apply_fn, schedule, draws, parameterization=parameterization)
+  query_grads = jax.jit(lambda p, x: per_example_grads(m_fn, p, x, chunk_size=chunk_size))(
+      params, query_x0)
+  psi = precondition(query_grads, inverse_vp_fn(curvature, damping), chunk_size=chunk_size)
+
+  @jax.jit
+  def tile_scores(p, psi, xt):
+    g = per_example_flat_grads(loss_fn, p, xt, chunk_size=chunk_size)
+    return psi @ g.astype(psi.dtype).T
+
+  n = train_x0.shape[0]
+  tn = min(int(tile_size), n)
+  tiles = []
+  for start in range(0, n, tn):
+    # The last tile is shifted back to end at N (one compiled shape); drop the overlap.
+    s = min(start, n - tn)
+    tiles.append(tile_scores(params, psi, train_x0[s:s + tn])[:, start - s:])
+  return jnp.concatenate(tiles, axis=1)
