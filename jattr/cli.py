@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--run", default=DEFAULT_OUT, help="run directory (default: %(default)s)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.set_defaults(func=cmd_attribute)
+  from jattr.curvature import cli as curvature_cli
+  curvature_cli.add_fit_curvature_parser(sub)
+  curvature_cli.add_influence_parser(sub)
+  from jattr.methods import unlearning_cli
+  unlearning_cli.add_mucs_parser(sub)
+  from jattr.features import cli as features_cli
+  features_cli.add_featurize_parser(sub)
+  features_cli.add_score_parser(sub)
   return parser
 
 

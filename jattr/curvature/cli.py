@@ -1,0 +1,458 @@
+"""``jattr fit-curvature`` and ``jattr influence``: curvature on disk, and influence scores from it.
+
+    jattr fit-curvature --run DIR --out CURV [--approx kfac|ekfac|diagonal|dense]
+                        [--weight-sharing expand|reduce] [--num-draws 10]
+                        [--timesteps uniform] [--draw-seed 0] [--damping λ]
+                        [--estimation-mode ggn_curvature_prop] [--seed 0]
+                        [--batch-size 64] [--grad-batch-size B] [--overwrite]
+    jattr influence     --run DIR --curvature CURV --out scores.npz
+                        [--measurement loss|elbo|loss_at_time|square_norm|weighted_loss|…]
+                        [--time T] [--queries samples|test|train] [--damping λ]
+                        [--tile-size 256] [--chunk-size C]
+
+``fit-curvature`` fits the GGN of the run's training loss
+
+    L(θ) = 1/(N K) Σ_{i,k} (1/D) ‖ε_θ(x_t(x_i, t_k, ε_k), t_k) − ε_k‖²
+
+at the run's EMA parameters, over its whole training set and K fixed draws, with
+``jattr.curvature.fit_kfac`` (+ ``fit_ekfac``), ``fit_diagonal`` or, for models of at
+most ``MAX_DENSE_PARAMS`` parameters, the dense G. K-FAC runs on the UNet rebuilt
+with ``conv_impl="xla"`` (kfac-jax recognises only ``lax.conv_general_dilated``; the
+parameters are the same); the per-example passes use the run's own ``apply_fn``. The
+state is saved with ``jattr.io.curvature_store.save_curvature``; its sidecar records
+what ``curvature_meta`` lists (model hash, draws, dataset, damping default…).
+
+``influence`` loads the curvature (refusing one fitted to other parameters) and
+writes
+
+    τ[q, i] = ∇m_q(θ)ᵀ (C + λ I)⁻¹ ∇ℓ_i(θ)          (jattr.methods.influence)
+
+for the run's generated samples (``samples.npz``), held-out real images or the
+training set itself as queries q, against every training example i, to an .npz
+(``tau`` [Q, N] float32 plus metadata). ℓ_i is the training loss over the
+curvature's draws; m_q the chosen measurement over the same draws. Query gradients
+are preconditioned once; training gradients are made ``--tile-size`` at a time, so
+memory is about (Q + tile)·P whatever N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import time
+
+import numpy as np
+
+APPROX = ("kfac", "ekfac", "diagonal", "dense")
+QUERIES = ("samples", "test", "train")
+MAX_DENSE_PARAMS = 5000
+"""``--approx dense`` holds G [P, P] and P Jacobian columns: small models only."""
+# Budget for one pass of per-example gradients or GGN rows (examples × K × rows × P).
+_GRAD_BYTES = 1 << 30
+# Budget for one batch of the dense Jacobian J [B K D, P].
+_JACOBIAN_BYTES = 1 << 27
+
+
+def add_fit_curvature_parser(subparsers) -> argparse.ArgumentParser:
+  """Adds ``fit-curvature`` to an ``argparse`` subparsers object; returns its parser."""
+  from jattr.curvature.ggn import DEFAULT_ESTIMATION_MODE, ESTIMATION_MODES
+
+  p = subparsers.add_parser(
+      "fit-curvature", help="fit K-FAC / EK-FAC / diagonal curvature of a run's training loss",
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--run", default="runs/digits", help="run directory (default: %(default)s)")
+  p.add_argument("--out", required=True, help="curvature directory to write")
+  p.add_argument("--approx", choices=APPROX, default="kfac", help="default: %(default)s")
+  p.add_argument("--weight-sharing", choices=("expand", "reduce"), default="expand",
+                 help="K-FAC approximation for conv/attention layers (K-FAC, EK-FAC's basis; "
+                      "default: %(default)s)")
+  p.add_argument("--num-draws", type=int, default=10, help="K fixed (t, eps) draws "
+                                                            "(default: %(default)s)")
+  p.add_argument("--timesteps", choices=("uniform", "random"), default="uniform",
+                 help="timesteps of the draws (default: %(default)s)")
+  p.add_argument("--draw-seed", type=int, default=0, help="seed of the draws (default: 0)")
+  p.add_argument("--damping", type=float,
+                 help="default lambda stored with the curvature (default: 0.1 x the mean "
+                      "eigenvalue, per block)")
+  p.add_argument("--estimation-mode", choices=ESTIMATION_MODES, default=DEFAULT_ESTIMATION_MODE,
+                 help="how G is sampled (default: %(default)s)")
+  p.add_argument("--num-samples", type=int, default=1,
+                 help="random output vectors per example-draw (default: %(default)s)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the sampled estimation modes")
+  p.add_argument("--batch-size", type=int, default=64,
+                 help="examples (each with all K draws) per K-FAC update (default: %(default)s)")
+  p.add_argument("--grad-batch-size", type=int,
+                 help="examples per per-example-gradient pass of EK-FAC / diagonal (default: "
+                      "the most whose K x P gradients fit 1 GiB)")
+  p.add_argument("--chunk-size", type=int, help="GGN rows per vmap in those passes")
+  p.add_argument("--overwrite", action="store_true", help="replace a curvature in --out")
+  p.add_argument("--quiet", action="store_true", help="no progress output")
+  p.set_defaults(func=cmd_fit_curvature)
+  return p
+
+
+def add_influence_parser(subparsers) -> argparse.ArgumentParser:
+  """Adds ``influence`` to an ``argparse`` subparsers object; returns its parser."""
+  from jattr.diffusion.measurements import MEASUREMENTS
+
+  p = subparsers.add_parser(
+      "influence", help="influence scores tau [Q, N] of a run's samples from a fitted curvature",
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--run", default="runs/digits", help="run directory (default: %(default)s)")
+  p.add_argument("--curvature", required=True, help="directory made by `jattr fit-curvature`")
+  p.add_argument("--measurement", choices=MEASUREMENTS, default="loss",
+                 help="query measurement m_q (default: %(default)s)")
+  p.add_argument("--time", type=int, help="timestep of --measurement loss_at_time")
+  p.add_argument("--queries", choices=QUERIES, default="samples",
+                 help="the run's samples.npz (default), held-out real images, or the "
+                      "training set")
+  p.add_argument("--damping", type=float,
+                 help="lambda (default: the curvature's stored default)")
+  p.add_argument("--tile-size", type=int, default=256,
+                 help="training examples per gradient tile (default: %(default)s)")
+  p.add_argument("--chunk-size", type=int,
+                 help="examples per vmap (default: the most whose gradients fit 1 GiB)")
+  p.add_argument("--out", required=True, help="output .npz")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.set_defaults(func=cmd_influence)
+  return p
+
+
+# ---------------------------------------------------------------------------------
+# fit-curvature
+# ---------------------------------------------------------------------------------
+
+
+def curvature_meta(*, kind: str, model_hash: str, damping: float | None, weight_sharing: str | None,
+                   num_draws: int, timesteps: str, draw_seed: int, dataset: str,
+                   num_examples: int, examples_hash: str, estimation_mode: str,
+                   num_samples: int, seed: int, parameterization: str = "eps",
+                   **extra) -> dict:
+  """The standard sidecar ``meta`` of a fitted curvature.
+
+  Args:
+    kind: ``APPROX``.
+    model_hash: sha256 of the parameters (``store_featurize.model_hash``).
+    damping: the default λ of ``influence`` (None: 0.1 × mean eigenvalue per block).
+    weight_sharing: ``"expand"``/``"reduce"`` for K-FAC and EK-FAC, else None.
+    num_draws, timesteps, draw_seed: the K fixed draws (``fixed_draws``).
+    dataset, num_examples, examples_hash: the training set the curvature averages
+      over (name, N, sha256 of its indices).
+    estimation_mode, num_samples, seed: how G was sampled.
+    parameterization: how the network output is read.
+    **extra: anything else (timings, versions, the model's config).
+
+  Returns:
+    A JSON-able dict. The measurement is always ``"loss"``: the curvature is that
+    of the training loss.
+  """
+  return {"kind": kind, "model_hash": model_hash, "damping": damping,
+          "weight_sharing": weight_sharing, "measurement": "loss",
+          "parameterization": parameterization,
+          "draws": {"num_draws": int(num_draws), "timesteps": timesteps, "seed": int(draw_seed)},
+          "dataset": {"name": dataset, "split": "train", "num": int(num_examples),
+                      "indices_sha256": examples_hash},
+          "estimation": {"mode": estimation_mode, "num_samples": int(num_samples),
+                         "seed": int(seed)},
+          **extra}
+
+
+def dense_ggn_batched(apply_fn, params, schedule, x0, draws, *, batch_size: int | None = None,
+                      progress: bool = False):
+  """``jattr.curvature.dense_ggn`` over all N examples, ``batch_size`` at a time.
+
+  G = Σ_b (N_b / N) G_b, G_b the dense GGN of batch b (an average over its pairs),
+  so J [N_b K D, P] exists for one batch only.
+
+  Args:
+    apply_fn, params, schedule, x0, draws: as in ``dense_ggn``.
+    batch_size: examples per batch (None: the most whose J fits 128 MiB).
+    progress: show a progress bar.
+
+  Returns:
+    G, [P, P] in ``ravel_pytree(params)`` order.
+  """
+  from tqdm.auto import tqdm
+
+  from jattr.curvature.ggn import dense_ggn
+  from jattr.models import num_params
+
+  n = x0.shape[0]
+  p = num_params(params)
+  if batch_size is None:
+    batch_size = max(1, _JACOBIAN_BYTES // (4 * draws.num_draws * int(np.prod(x0.shape[1:])) * p))
+  total = None
+  for s in tqdm(range(0, n, batch_size), desc="dense GGN", disable=not progress):
+    xb = x0[s:s + batch_size]
+    part = dense_ggn(apply_fn, params, schedule, xb, draws) * (xb.shape[0] / n)
+    total = part if total is None else total + part
+  return total
+
+
+def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str = "expand",
+                      num_draws: int = 10, timesteps: str = "uniform", draw_seed: int = 0,
+                      damping: float | None = None, estimation_mode: str | None = None,
+                      num_samples: int = 1, seed: int = 0, batch_size: int = 64,
+                      grad_batch_size: int | None = None, chunk_size: int | None = None,
+                      max_dense_params: int = MAX_DENSE_PARAMS, overwrite: bool = False,
+                      progress: bool = True):
+  """Fits a curvature of a run's training loss and saves it (what ``jattr fit-curvature`` does).
+
+  Args:
+    run_dir: a trained run directory (``jattr.runs``).
+    out: the curvature directory to write.
+    approx: ``"kfac"``, ``"ekfac"`` (K-FAC's eigenbasis, refitted eigenvalues),
+      ``"diagonal"`` or ``"dense"`` (at most ``max_dense_params`` parameters).
+    weight_sharing: K-FAC's ``"expand"`` or ``"reduce"`` (K-FAC and EK-FAC).
+    num_draws, timesteps, draw_seed: the K fixed draws (``fixed_draws``).
+    damping: the default λ stored with it (None: 0.1 × the mean eigenvalue).
+    estimation_mode: ``jattr.curvature.ESTIMATION_MODES`` (None: the default).
+    num_samples, seed: of the sampled modes.
+    batch_size: examples per K-FAC update.
+    grad_batch_size: examples per per-example-gradient pass (EK-FAC, diagonal;
+      None: the most whose K·num_samples·P gradients fit 1 GiB).
+    chunk_size: GGN rows per vmap in those passes.
+    max_dense_params: the largest P ``"dense"`` accepts.
+    overwrite: replace a curvature already in ``out``.
+    progress: print stage timings (and a bar for the dense fit).
+
+  Returns:
+    ``(state, meta)`` as saved.
+
+  Raises:
+    ValueError: bad arguments, an existing ``out`` without ``overwrite``, or
+      ``"dense"`` for a model above ``max_dense_params`` (checked before any fitting).
+  """
+  import jax
+
+  from jattr import __version__ as jattr_version
+  from jattr.curvature.diagonal import fit_diagonal
+  from jattr.curvature.ekfac import fit_ekfac
+  from jattr.curvature.ggn import DEFAULT_ESTIMATION_MODE, check_damping
+  from jattr.curvature.kfac import WEIGHT_SHARING, fit_kfac
+  from jattr.diffusion import fixed_draws
+  from jattr.features.store_featurize import array_hash, model_hash
+  from jattr.io.curvature_store import curvature_exists, read_curvature_meta, save_curvature
+  from jattr.models import make_apply_fn, num_params
+  from jattr.runs import load_run, training_data
+
+  if approx not in APPROX:
+    raise ValueError(f"approx must be one of {APPROX}, got {approx!r}")
+  if weight_sharing not in WEIGHT_SHARING:
+    raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}, got {weight_sharing!r}")
+  if int(num_draws) < 1:
+    raise ValueError(f"num_draws must be >= 1, got {num_draws}")
+  if int(batch_size) < 1 or (grad_batch_size is not None and int(grad_batch_size) < 1):
+    raise ValueError(f"batch_size and grad_batch_size must be >= 1, got {batch_size} and "
+                     f"{grad_batch_size}")
+  check_damping(damping)
+  estimation_mode = DEFAULT_ESTIMATION_MODE if estimation_mode is None else estimation_mode
+  if curvature_exists(out) and not overwrite:
+    raise ValueError(f"--out {out} already holds a curvature; choose another directory or "
+                     "pass --overwrite")
+  say = print if progress else (lambda *a, **k: None)
+  run_dir = pathlib.Path(run_dir)
+  cfg, apply_fn, params = load_run(run_dir)
+  p = num_params(params)
+  if approx == "dense" and p > max_dense_params:
+    raise ValueError(
+        f"--approx dense materialises the [P, P] GGN; run {run_dir} has P = {p:,} parameters, "
+        f"above the limit of {max_dense_params:,} ({4 * p * p / 2**30:.1f} GiB for G alone); "
+        "use --approx kfac, ekfac or diagonal")
+  ds, idx = training_data(cfg)
+  x0 = jax.numpy.asarray(ds.x)
+  n = x0.shape[0]
+  draws = fixed_draws(jax.random.key(draw_seed), int(num_draws), cfg.model.image_shape,
+                      cfg.num_timesteps, timesteps)
+  schedule = cfg.noise_schedule
+  param = cfg.train.parameterization
+  key = jax.random.key(seed)
+  if grad_batch_size is None:
+    grad_batch_size = max(1, min(n, _GRAD_BYTES // (4 * int(num_draws) * num_samples * p)))
+  sampled = dict(estimation_mode=estimation_mode, key=key, num_samples=num_samples)
+  timings = {}
+  t0 = time.perf_counter()
+  if approx in ("kfac", "ekfac"):
+    # kfac-jax's graph matcher recognises only lax.conv_general_dilated convolutions.
+    kfac_apply = make_apply_fn(dataclasses.replace(cfg.model, conv_impl="xla"))
+    say(f"fit-curvature: K-FAC ({weight_sharing}) on {n} examples x {num_draws} draws, "
+        f"P = {p:,} ...", flush=True)
+    state = fit_kfac(kfac_apply, params, schedule, x0, draws, weight_sharing=weight_sharing,
+                     batch_size=batch_size, parameterization=param, **sampled)
+    jax.block_until_ready(state)
+    timings["kfac_seconds"] = time.perf_counter() - t0
+    say(f"fit-curvature: K-FAC done in {timings['kfac_seconds']:.1f} s", flush=True)
+    if approx == "ekfac":
+      t1 = time.perf_counter()
+      say(f"fit-curvature: EK-FAC eigenvalues, {grad_batch_size} examples per pass ...",
+          flush=True)
+      state = fit_ekfac(apply_fn, params, schedule, x0, draws, state, batch_size=grad_batch_size,
+                        chunk_size=chunk_size, parameterization=param,
+                        **{**sampled, "key": jax.random.fold_in(key, 1)})
+      jax.block_until_ready(state)
+      timings["ekfac_seconds"] = time.perf_counter() - t1
+      say(f"fit-curvature: EK-FAC done in {timings['ekfac_seconds']:.1f} s", flush=True)
+  elif approx == "diagonal":
+    say(f"fit-curvature: GGN diagonal on {n} examples x {num_draws} draws ...", flush=True)
+    state = fit_diagonal(apply_fn, params, schedule, x0, draws, batch_size=grad_batch_size,
+                         chunk_size=chunk_size, parameterization=param, **sampled)
+    jax.block_until_ready(state)
+  else:
+    state = dense_ggn_batched(apply_fn, params, schedule, x0, draws, progress=progress)
+  timings["fit_seconds"] = time.perf_counter() - t0
+  meta = curvature_meta(
+      kind=approx, model_hash=model_hash(params), damping=damping,
+      weight_sharing=weight_sharing if approx in ("kfac", "ekfac") else None,
+      num_draws=num_draws, timesteps=timesteps, draw_seed=draw_seed, dataset=cfg.dataset,
+      num_examples=n, examples_hash=array_hash(idx), estimation_mode=estimation_mode,
+      num_samples=num_samples, seed=seed, parameterization=param,
+      run=str(run_dir), model={"unet": dataclasses.asdict(cfg.model), "schedule": cfg.schedule,
+                               "num_timesteps": cfg.num_timesteps},
+      batch_size=int(batch_size), grad_batch_size=int(grad_batch_size),
+      timings=timings, versions={"jattr": jattr_version, "jax": jax.__version__},
+      backend=jax.default_backend())
+  save_curvature(out, state, meta, overwrite=overwrite)
+  return state, read_curvature_meta(out)
+
+
+def cmd_fit_curvature(args):
+  t0 = time.perf_counter()
+  state, meta = fit_run_curvature(
+      args.run, args.out, approx=args.approx, weight_sharing=args.weight_sharing,
+      num_draws=args.num_draws, timesteps=args.timesteps, draw_seed=args.draw_seed,
+      damping=args.damping, estimation_mode=args.estimation_mode, num_samples=args.num_samples,
+      seed=args.seed, batch_size=args.batch_size, grad_batch_size=args.grad_batch_size,
+      chunk_size=args.chunk_size, overwrite=args.overwrite, progress=not args.quiet)
+  ws = f" ({meta['weight_sharing']})" if meta["weight_sharing"] else ""
+  print(f"{meta['kind']}{ws} curvature of {meta['num_parameters']:,} parameters over "
+        f"{meta['dataset']['num']} examples x {meta['draws']['num_draws']} draws -> {args.out} "
+        f"({time.perf_counter() - t0:.0f} s)")
+  return state
+
+
+# ---------------------------------------------------------------------------------
+# influence
+# ---------------------------------------------------------------------------------
+
+_UNSET = object()
+
+
+def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: int | None = None,
+                  queries: str = "samples", damping=_UNSET, tile_size: int = 256,
+                  chunk_size: int | None = None, progress: bool = True
+                  ) -> tuple[np.ndarray, dict]:
+  """τ [Q, N] of a run's queries against its training set (what ``jattr influence`` does).
+
+  Same scores as ``jattr.methods.influence.influence`` with the saved curvature;
+  the training tiles are assembled into a host array under a progress bar.
+
+  Args:
+    run_dir: a trained run directory.
+    curvature_dir: made by ``fit_run_curvature`` for this run's parameters.
+    measurement: the query measurement (``MEASUREMENTS``).
+    time_: the timestep of ``"loss_at_time"``.
+    queries: ``"samples"`` (``samples.npz``), ``"test"`` (held-out real images) or
+      ``"train"``.
+    damping: λ ≥ 0 or None (0.1 × mean eigenvalue); unset: the curvature's stored
+      default.
+    tile_size: training examples per gradient tile.
+    chunk_size: examples per vmap (None: the most whose gradients fit 1 GiB).
+    progress: show a progress bar.
+
+  Returns:
+    ``(tau float32 [Q, N], info)``, ``info`` holding the measurement, damping,
+    query and curvature descriptions.
+
+  Raises:
+    ValueError: a curvature of another model or training set, bad arguments.
+  """
+  import jax
+  from tqdm.auto import tqdm
+
+  from jattr.curvature.ggn import check_damping
+  from jattr.diffusion import fixed_draws
+  from jattr.diffusion.measurements import measurement_fn
+  from jattr.features.cli import query_examples
+  from jattr.features.store_featurize import array_hash
+  from jattr.grads.per_example import per_example_flat_grads, per_example_grads
+  from jattr.io.curvature_store import load_curvature
+  from jattr.methods.influence import inverse_vp_fn, precondition
+  from jattr.models import num_params
+  from jattr.runs import load_run, training_data
+
+  if queries not in QUERIES:
+    raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
+  if int(tile_size) < 1:
+    raise ValueError(f"tile_size must be >= 1, got {tile_size}")
+  run_dir = pathlib.Path(run_dir)
+  cfg, apply_fn, params = load_run(run_dir)
+  state, meta = load_curvature(curvature_dir, params)
+  ds, idx = training_data(cfg)
+  if meta["dataset"]["indices_sha256"] != array_hash(idx):
+    raise ValueError(f"curvature {curvature_dir} was fitted on another training set "
+                     f"({meta['dataset']['name']}, N = {meta['dataset']['num']}) than run "
+                     f"{run_dir} ({cfg.dataset}, N = {len(idx)})")
+  damping = meta.get("damping") if damping is _UNSET else damping
+  check_damping(damping)
+  xq, query_info, query_hash = query_examples(cfg, run_dir, queries)
+  x = np.asarray(ds.x)
+  n, q = x.shape[0], xq.shape[0]
+  d = meta["draws"]
+  draws = fixed_draws(jax.random.key(d["seed"]), d["num_draws"], cfg.model.image_shape,
+                      cfg.num_timesteps, d["timesteps"])
+  param = meta.get("parameterization", cfg.train.parameterization)
+  kwargs = {} if time_ is None else {"time": time_}
+  m_fn = measurement_fn(measurement, apply_fn, cfg.noise_schedule, draws,
+                        parameterization=param, **kwargs)
+  loss_fn = measurement_fn("loss", apply_fn, cfg.noise_schedule, draws, parameterization=param)
+  tn = min(int(tile_size), n)
+  if chunk_size is None:
+    chunk_size = max(1, min(tn, _GRAD_BYTES // (4 * num_params(params))))
+
+  query_grads = jax.jit(lambda p, xs: per_example_grads(m_fn, p, xs, chunk_size=chunk_size))(
+      params, xq)
+  psi = precondition(query_grads, inverse_vp_fn(state, damping), chunk_size=chunk_size)
+  del query_grads
+
+  @jax.jit
+  def tile_scores(p, psi, xt):
+    g = per_example_flat_grads(loss_fn, p, xt, chunk_size=chunk_size)
+    return psi @ g.astype(psi.dtype).T
+
+  tau = np.empty((q, n), np.float32)
+  for start in tqdm(range(0, n, tn), desc="influence", disable=not progress):
+    # The last tile is shifted back to end at N (one compiled shape); drop the overlap.
+    s = min(start, n - tn)
+    tau[:, start:start + tn] = np.asarray(tile_scores(params, psi, x[s:s + tn]))[:, start - s:]
+  info = {"measurement": measurement, "time": time_, "damping": damping,
+          "queries": {**query_info, "num": q, "sha256": query_hash},
+          "curvature": str(curvature_dir), "curvature_meta": meta,
+          "train_indices": idx}
+  return tau, info
+
+
+def cmd_influence(args):
+  t0 = time.perf_counter()
+  damping = _UNSET if args.damping is None else args.damping
+  tau, info = influence_run(args.run, args.curvature, measurement=args.measurement,
+                            time_=args.time, queries=args.queries, damping=damping,
+                            tile_size=args.tile_size, chunk_size=args.chunk_size,
+                            progress=not args.quiet)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
+  meta = info["curvature_meta"]
+  np.savez(tmp, tau=tau, measurement=info["measurement"],
+           time=-1 if info["time"] is None else info["time"],
+           damping=np.nan if info["damping"] is None else info["damping"],
+           queries=json.dumps(info["queries"]), curvature=info["curvature"],
+           curvature_kind=meta["kind"], curvature_meta=json.dumps(meta),
+           model_hash=meta["model_hash"], train_indices=info["train_indices"])
+  os.replace(tmp, out)
+  lam = "default" if info["damping"] is None else f"{info['damping']:g}"
+  print(f"tau {tau.shape} ({meta['kind']} influence, m = {args.measurement}, lambda = {lam}) "
+        f"-> {out} ({time.perf_counter() - t0:.0f} s)")
+  return tau

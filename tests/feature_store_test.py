@@ -1,0 +1,262 @@
+"""Feature store: read-back, config checks, crash safety, resumable featurization, CLI."""
+
+import argparse
+import importlib
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jattr.diffusion import draws as draws_lib
+from jattr.diffusion import measurements, schedules
+from jattr.features import ProjectionConfig, featurize
+from jattr.features import cli as features_cli
+from jattr.io import feature_store as fs_lib
+from jattr.io.feature_store import FeatureStore
+
+# `jattr.features.store_featurize` may be shadowed by a re-exported function of the
+# same name in the package; importlib returns the module itself.
+sf = importlib.import_module("jattr.features.store_featurize")
+
+T = 20
+SHAPE = (4, 4, 1)
+D = 16
+PROJ = ProjectionConfig(dim=6, kind="rademacher", seed=3, block_size=64)
+
+
+def apply_fn(params, x_t, t):
+  """A tiny MLP denoiser: [B, H, W, C], [B] -> [B, H, W, C]."""
+  b = x_t.shape[0]
+  h = jnp.concatenate([x_t.reshape(b, -1), (t.astype(x_t.dtype) / T)[:, None]], axis=1)
+  h = jnp.tanh(h @ params["w1"] + params["b1"])
+  return (h @ params["w2"]).reshape(x_t.shape)
+
+
+def _normal(seed, *shape):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def problem():
+  params = {"w1": jnp.asarray(_normal(0, D + 1, 8) / 4), "b1": jnp.zeros(8),
+            "w2": jnp.asarray(_normal(1, 8, D) / 3)}
+  draws = draws_lib.fixed_draws(jax.random.key(0), 3, SHAPE, T)
+  fn = measurements.measurement_fn("square_norm", apply_fn, schedules.linear(T), draws)
+  x = _normal(2, 10, *SHAPE)
+  config = sf.feature_config(
+      params_hash=sf.model_hash(params), measurement="square_norm", num_draws=3,
+      timesteps="uniform", draw_seed=0, projection=PROJ, dataset="toy", num_examples=10,
+      examples_hash=sf.array_hash(np.arange(10)))
+  return fn, params, x, config
+
+
+def test_read_back_equals_written(tmp_path):
+  data = _normal(0, 10, 3)
+  store = FeatureStore.open(tmp_path / "s", {"a": (1, 2)}, num_rows=10, dim=3, chunk_rows=4)
+  assert store.num_chunks == 3 and store.missing_chunks() == [0, 1, 2] and not store.complete
+  for i in (2, 0):
+    a, b = store.chunk_bounds(i)
+    store.write_chunk(i, data[a:b])
+  assert store.missing_chunks() == [1]
+  np.testing.assert_array_equal(store.read(rows=np.array([9, 0, 3])), data[[9, 0, 3]])
+  with pytest.raises(ValueError, match=r"chunks \[1\]"):
+    store.read()
+  store.write_chunk(1, data[4:8])
+  reopened = FeatureStore.load(tmp_path / "s")
+  assert reopened.complete and reopened.config == {"a": [1, 2]}
+  np.testing.assert_array_equal(reopened.read(), data)
+  np.testing.assert_array_equal(reopened.read(slice(2, 7)), data[2:7])
+  with pytest.raises(ValueError, match="shape"):
+    store.write_chunk(2, data[:4])
+  with pytest.raises(ValueError, match="non-finite"):
+    store.write_chunk(2, np.full((2, 3), np.nan))
+
+
+def test_mixing_configurations_raises_naming_the_keys(tmp_path):
+  config = {"projection": {"dim": 3, "seed": 0}, "measurement": {"name": "loss"}}
+  store = FeatureStore.open(tmp_path / "s", config, num_rows=5, dim=3, chunk_rows=2)
+  store.write_chunk(0, np.ones((2, 3)))
+  FeatureStore.open(tmp_path / "s", config, num_rows=5, dim=3, chunk_rows=2)  # same: fine
+  other = {"projection": {"dim": 3, "seed": 1}, "measurement": {"name": "loss"}}
+  with pytest.raises(ValueError, match=r"projection\.seed: stored 0, given 1"):
+    FeatureStore.open(tmp_path / "s", other, num_rows=5, dim=3, chunk_rows=2)
+  with pytest.raises(ValueError, match="num_rows"):
+    FeatureStore.open(tmp_path / "s", config, num_rows=6, dim=3, chunk_rows=2)
+  (tmp_path / "x").mkdir()
+  (tmp_path / "x" / "notes.txt").write_text("hi")
+  with pytest.raises(ValueError, match="not a feature store"):
+    FeatureStore.open(tmp_path / "x", config, num_rows=5, dim=3, chunk_rows=2)
+  with pytest.raises(ValueError, match=r"draws\.seed: train 0, query 1"):
+    sf.check_compatible({"draws": {"seed": 0}, "model": 1, "measurement": 1, "projection": 1},
+                        {"draws": {"seed": 1}, "model": 1, "measurement": 1, "projection": 1})
+
+
+def test_chunk_is_not_marked_complete_if_marking_fails(tmp_path, monkeypatch):
+  store = FeatureStore.open(tmp_path / "s", {}, num_rows=4, dim=2, chunk_rows=2)
+
+  def crash(path, doc):
+    raise KeyboardInterrupt("killed between the data write and the sidecar write")
+
+  monkeypatch.setattr(fs_lib, "_write_json_atomic", crash)
+  with pytest.raises(KeyboardInterrupt):
+    store.write_chunk(0, np.ones((2, 2)))
+  monkeypatch.undo()
+  assert FeatureStore.load(tmp_path / "s").missing_chunks() == [0, 1]
+
+
+def test_resumed_featurization_equals_uninterrupted(tmp_path, monkeypatch, problem):
+  fn, params, x, config = problem
+  calls = []
+  real_featurize = sf.featurize
+
+  def counting(fn_, params_, examples, proj, *, chunk_size):
+    calls.append(np.asarray(examples)[0].copy())
+    return real_featurize(fn_, params_, examples, proj, chunk_size=chunk_size)
+
+  monkeypatch.setattr(sf, "featurize", counting)
+  full = FeatureStore.open(tmp_path / "full", config, 10, PROJ.dim, chunk_rows=4)
+  sf.store_featurize(fn, params, x, PROJ, full, chunk_size=2, progress=False)
+  assert len(calls) == 3
+  expected = np.asarray(featurize(fn, params, jnp.asarray(x), PROJ))
+  np.testing.assert_allclose(full.read(), expected, rtol=1e-5, atol=1e-6)
+
+  real_write = FeatureStore.write_chunk
+
+  def write_then_die(self, i, array):
+    real_write(self, i, array)
+    raise KeyboardInterrupt("killed after the first chunk")
+
+  monkeypatch.setattr(FeatureStore, "write_chunk", write_then_die)
+  part = FeatureStore.open(tmp_path / "part", config, 10, PROJ.dim, chunk_rows=4)
+  with pytest.raises(KeyboardInterrupt):
+    sf.store_featurize(fn, params, x, PROJ, part, chunk_size=2, progress=False)
+  monkeypatch.setattr(FeatureStore, "write_chunk", real_write)
+  resumed = FeatureStore.open(tmp_path / "part", config, 10, PROJ.dim, chunk_rows=4)
+  assert resumed.missing_chunks() == [1, 2]
+  calls.clear()
+  sf.store_featurize(fn, params, x, PROJ, resumed, chunk_size=2, progress=False)
+  # Only chunks 1 (rows 4..7) and 2 (rows 8..9) were computed again.
+  assert len(calls) == 2
+  np.testing.assert_array_equal(calls[0], x[4])
+  np.testing.assert_array_equal(calls[1], x[8])
+  assert resumed.complete
+  np.testing.assert_array_equal(resumed.read(), full.read())
+
+
+def test_store_featurize_checks_the_store(tmp_path, problem):
+  fn, params, x, config = problem
+  store = FeatureStore.open(tmp_path / "s", config, 10, PROJ.dim, chunk_rows=4)
+  other = ProjectionConfig(dim=PROJ.dim, kind=PROJ.kind, seed=PROJ.seed + 1,
+                           block_size=PROJ.block_size)
+  with pytest.raises(ValueError, match="seed"):
+    sf.store_featurize(fn, params, x, other, store, progress=False)
+  moved = jax.tree.map(lambda p: p + 1e-3, params)
+  with pytest.raises(ValueError, match="params_sha256"):
+    sf.store_featurize(fn, moved, x, PROJ, store, progress=False)
+  with pytest.raises(ValueError, match="N = store.num_rows = 10"):
+    sf.store_featurize(fn, params, x[:9], PROJ, store, progress=False)
+
+
+def test_model_hash():
+  a = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  assert sf.model_hash(a) == sf.model_hash({"w": jnp.asarray(a["w"])})
+  assert sf.model_hash(a) != sf.model_hash({"w": a["w"].reshape(3, 2)})
+  assert sf.model_hash(a) != sf.model_hash({"v": a["w"]})
+  assert sf.model_hash(a) != sf.model_hash({"w": a["w"].astype(np.float64)})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A run directory holding an untrained tiny UNet, saved as a finished run.
+
+  XLA convolutions: their vmap(grad) compiles about twice as fast as im2col's on CPU.
+  """
+  from jattr.io import checkpoint
+  from jattr.models import UNetConfig
+  from jattr.runs import RunConfig, model_fns
+  from jattr.train import TrainConfig, init_state, make_optimizer
+
+  run = tmp_path_factory.mktemp("run")
+  cfg = RunConfig(num_train=24, num_timesteps=50,
+                  model=UNetConfig(image_shape=(8, 8, 1), base_channels=8, channel_mults=(1,),
+                                   num_groups=4, conv_impl="xla"),
+                  train=TrainConfig(num_steps=1, batch_size=4, segment_steps=1))
+  (run / "config.json").write_text(json.dumps(cfg.to_json()))
+  _, init_fn = model_fns(cfg)
+  state = init_state(init_fn(jax.random.key(0)), make_optimizer(cfg.train))
+  checkpoint.save(run / "checkpoints", 1, state, {})
+  np.savez(run / "samples.npz", x=np.clip(_normal(5, 3, 8, 8, 1), -1, 1), seed=0,
+           sampler="ddpm")
+  return run
+
+
+def _cli(argv):
+  parser = argparse.ArgumentParser()
+  sub = parser.add_subparsers(dest="command", required=True)
+  features_cli.add_featurize_parser(sub)
+  features_cli.add_score_parser(sub)
+  args = parser.parse_args(argv)
+  return args.func(args)
+
+
+def test_cli_featurize_and_score_round_trip(tmp_path, tiny_run):
+  from jattr.methods import trak_fit, trak_score
+
+  common = ["--num-draws", "2", "--proj-dim", "16", "--store-chunk-rows", "10", "--quiet"]
+  train = _cli(["featurize", "--run", str(tiny_run), "--out", str(tmp_path / "train"),
+                "--measurement", "loss", *common])
+  assert train.complete and train.read().shape == (24, 16)
+  assert train.config["dataset"]["num"] == 24 and train.config["measurement"]["name"] == "loss"
+  # The same command again finds every chunk complete and computes nothing; another
+  # projection seed into the same store is refused before any work.
+  again = _cli(["featurize", "--run", str(tiny_run), "--out", str(tmp_path / "train"),
+                "--measurement", "loss", *common])
+  np.testing.assert_array_equal(again.read(), train.read())
+  with pytest.raises(ValueError, match=r"projection\.seed: stored 0, given 2"):
+    _cli(["featurize", "--run", str(tiny_run), "--out", str(tmp_path / "train"),
+          "--measurement", "loss", *common, "--proj-seed", "2"])
+  query = _cli(["featurize", "--run", str(tiny_run), "--out", str(tmp_path / "q"),
+                "--queries", "samples", "--like", str(tmp_path / "train"), "--quiet"])
+  assert query.config["projection"] == train.config["projection"]
+  with pytest.raises(ValueError, match="--proj-seed 1 but the store has 0"):
+    _cli(["featurize", "--run", str(tiny_run), "--out", str(tmp_path / "q2"),
+          "--queries", "samples", "--like", str(tmp_path / "train"), "--proj-seed", "1"])
+
+  tau = _cli(["score", "--train-store", str(tmp_path / "train"), "--query-store",
+              str(tmp_path / "q"), "--method", "trak", "--out", str(tmp_path / "s.npz")])
+  with np.load(tmp_path / "s.npz") as z:
+    np.testing.assert_array_equal(z["tau"], tau)
+    assert json.loads(str(z["query_config"]))["dataset"]["name"] == "samples"
+  phi, phi_q = jnp.asarray(train.read()), jnp.asarray(query.read())
+  np.testing.assert_allclose(tau, trak_score(trak_fit(phi), phi_q), rtol=1e-4, atol=1e-6)
+
+  # A query store made with another projection seed cannot be scored against train
+  # (a copy of the query store whose sidecar says seed 1).
+  shutil.copytree(tmp_path / "q", tmp_path / "q3")
+  sidecar = json.loads((tmp_path / "q3" / "store.json").read_text())
+  sidecar["config"]["projection"]["seed"] = 1
+  (tmp_path / "q3" / "store.json").write_text(json.dumps(sidecar))
+  with pytest.raises(ValueError, match=r"projection\.seed: train 0, query 1"):
+    _cli(["score", "--train-store", str(tmp_path / "train"), "--query-store",
+          str(tmp_path / "q3"), "--method", "grad_dot", "--out", str(tmp_path / "t.npz")])
+  cos = _cli(["score", "--train-store", str(tmp_path / "train"), "--query-store",
+              str(tmp_path / "q"), "--method", "grad_cosine", "--out", str(tmp_path / "c.npz")])
+  unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+  np.testing.assert_allclose(cos, unit(np.asarray(phi_q)) @ unit(np.asarray(phi)).T,
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_held_out_queries_are_the_images_the_run_did_not_train_on(tiny_run):
+  from jattr.data import load_digits
+  from jattr.runs import load_config, training_data
+
+  cfg = load_config(tiny_run / "config.json")
+  x, info, digest = features_cli.query_examples(cfg, tiny_run, "test")
+  _, train_idx = training_data(cfg)
+  held_out = np.array([i for i in range(1797) if i not in set(train_idx.tolist())])
+  assert info == {"name": "digits", "split": "train_heldout"} and len(held_out) == 1797 - 24
+  np.testing.assert_array_equal(x, load_digits().x[held_out])
+  assert digest == sf.array_hash(held_out)
