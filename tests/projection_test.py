@@ -188,3 +188,16 @@ def test_structured_errors():
     st.structured_featurize(shared, params, jnp.ones((2, 3)), st.StructuredConfig(2, 2))
   with pytest.raises(ValueError, match="Dense needs x"):
     st.apply_layer(st.Dense(), jnp.ones((2, 4)), params["w"])
+
+
+def test_packed_rademacher_entries_are_fair_independent_signs():
+  """The packed-bit generator must give ±1/√k entries, balanced and uncorrelated."""
+  from jattr.features.projection import block_matrix
+  cfg = proj.ProjectionConfig(dim=100, kind="rademacher", seed=3, block_size=4000)
+  m = np.asarray(block_matrix(cfg, 0)) * np.sqrt(100)
+  np.testing.assert_allclose(np.abs(m), 1.0, rtol=1e-6)
+  assert abs(m.mean()) < 0.01                      # 400k entries: sd of the mean 0.0016
+  cols = m.T @ m / m.shape[0]                      # ≈ I; off-diagonal sd 1/√4000 ≈ 0.016
+  np.testing.assert_allclose(np.diag(cols), 1.0)
+  assert np.abs(cols - np.eye(100)).max() < 0.1
+  assert not np.array_equal(m, np.asarray(block_matrix(cfg, 1)) * np.sqrt(100))

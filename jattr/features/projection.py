@@ -66,10 +66,24 @@ def random_matrix(key: jax.Array, shape: tuple[int, int], kind: str, dtype) -> j
   if kind == "gaussian":
     m = jax.random.normal(key, shape, dtype)
   elif kind == "rademacher":
-    m = jax.random.rademacher(key, shape, dtype)
+    m = _packed_signs(key, shape, dtype)
   else:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   return m / jnp.sqrt(jnp.asarray(shape[1], dtype))
+
+
+def _packed_signs(key: jax.Array, shape: tuple[int, int], dtype) -> jax.Array:
+  """Uniform ±1 entries, 32 per random word.
+
+  ``jax.random.rademacher`` spends one counter-based hash per entry; regenerating P
+  dominated featurization time with it (docs/benchmarks.md). Each uint32 from
+  ``jax.random.bits`` carries 32 independent fair bits, so unpacking them gives the
+  same distribution for 1/32 of the hashing.
+  """
+  rows, k = shape
+  words = jax.random.bits(key, (rows, -(-k // 32)), jnp.uint32)
+  bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+  return (2.0 * bits.reshape(rows, -1)[:, :k].astype(dtype) - 1.0)
 
 
 def block_matrix(config: ProjectionConfig, block_index, dtype=jnp.float32) -> jax.Array:
