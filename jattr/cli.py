@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
   from jattr.features import cli as features_cli
   features_cli.add_featurize_parser(sub)
   features_cli.add_score_parser(sub)
+  from jattr.eval import cli as eval_cli
+  eval_cli.add_lds_parser(sub)
+  eval_cli.add_counterfactual_parser(sub)
   return parser
 
 

@@ -1,0 +1,332 @@
+"""Curvature fit time (K-FAC expand / reduce, EK-FAC) against TRAK featurization, and peak memory.
+
+Time (the digits UNet, ``digits_config()``, 185k parameters, random-init parameters:
+the cost does not depend on their values; the first ``--digits-n`` sklearn digits;
+K = ``--digits-draws`` fixed draws):
+
+  - ``kfac_expand``, ``kfac_reduce``: ``jattr.curvature.fit_kfac`` on the UNet with
+    ``conv_impl="xla"`` (kfac-jax recognises only native convolutions), the default
+    ``"ggn_curvature_prop"`` estimator, ``--batch`` examples (× K draws) per update;
+  - ``ekfac``: K-FAC (expand) and then ``fit_ekfac``'s per-example pass (the run's
+    default convs: im2col on CPU, as ``jattr fit-curvature`` does), ``--grad-batch``
+    examples per pass; both parts are timed;
+  - ``trak``: for comparison, ``jattr.features.featurize`` of the same examples
+    with f = ``measurement_fn("loss", ...)`` over the same K draws and a Rademacher
+    projection to k = ``--dim``, ``--trak-chunk`` examples at a time: what one
+    would pay instead of a curvature fit to score with TRAK.
+
+Every figure is the wall time of ONE call in a fresh process, compilation and
+kfac-jax's graph matching included (they are part of what a user waits for), with
+the process's CPU time beside it (on a shared machine wall time also counts other
+jobs' use of the cores, CPU time does not).
+
+Memory: peak RSS (VmHWM from /proc/self/status) of a K-FAC fit of
+``cifar_30m_config()`` (~30M parameters) at 32×32 on CPU, K = ``--mem-draws``,
+``--mem-batch`` examples per update, random images, one fresh process per
+(method, N). Each K-FAC update folds one batch into running sums, so the peak must
+not grow with N; the time grows linearly, and the slope between the smallest and
+the largest N is the per-example cost without the fixed (compile) part.
+
+    python benchmarks/curvature.py             # sized for ~10 min on 2 busy CPU cores
+    python benchmarks/curvature.py --full      # the full protocol: all 1797 digits,
+                                               # K = 10, cifar_30m N = 64, 128, 256
+
+Prints markdown tables and writes benchmarks/results/curvature_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("kfac_expand", "kfac_expand_explicit", "kfac_reduce", "ekfac", "trak")
+T = 1000
+
+
+def log(msg: str) -> None:
+  print(f"[curvature {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _ints(s: str) -> list[int]:
+  return [int(v) for v in s.split(",") if v]
+
+
+def _strs(s: str) -> list[str]:
+  out = [v for v in s.split(",") if v]
+  bad = sorted(set(out) - set(METHODS))
+  if bad:
+    raise argparse.ArgumentTypeError(f"unknown methods {bad}; expected some of {METHODS}")
+  return out
+
+
+def _status_kb(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _uptime() -> str:
+  try:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "load average: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+# ---------------------------------------------------------------------------------
+# one configuration, in a fresh process
+# ---------------------------------------------------------------------------------
+
+
+def worker(spec: dict) -> dict:
+  """Runs one (model, method, N, K) configuration; returns timings and peak RSS."""
+  import jax
+
+  from jattr.curvature import fit_ekfac, fit_kfac
+  from jattr.diffusion import fixed_draws, schedules
+  from jattr.diffusion.measurements import measurement_fn
+  from jattr.features import ProjectionConfig, featurize
+  from jattr.models import config_by_name, make_apply_fn, make_init_fn, num_params
+
+  cfg = config_by_name(spec["model"])
+  apply_fn = make_apply_fn(cfg)  # the backend's default convs (im2col on CPU)
+  xla_apply = make_apply_fn(dataclasses.replace(cfg, conv_impl="xla"))
+  params = make_init_fn(cfg)(jax.random.key(0))
+  n, k = spec["n"], spec["draws"]
+  if spec["model"] == "digits":
+    from jattr.data import load_digits
+
+    x = np.asarray(load_digits().x[:n], np.float32)
+    if len(x) < n:
+      raise ValueError(f"digits has {len(x)} images, asked for n = {n}")
+  else:
+    x = np.random.default_rng(0).uniform(-1, 1, (n, *cfg.image_shape)).astype(np.float32)
+  x = jax.numpy.asarray(x)
+  draws = fixed_draws(jax.random.key(1), k, cfg.image_shape, T)
+  schedule = schedules.linear(T)
+  jax.block_until_ready((params, x))
+  out = {**spec, "num_params": num_params(params), "vmhwm_init_kb": _status_kb("VmHWM")}
+
+  def timed(fn):
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = jax.block_until_ready(fn())
+    return res, time.perf_counter() - t0, time.process_time() - c0
+
+  method = spec["method"]
+  if method == "kfac_expand_explicit":
+    # What-if: kfac-jax's conv block computes the patch second moments with
+    # convolution tricks (psm.patches_moments) that XLA:CPU runs ~20x slower than
+    # extracting the patches and multiplying (psm.patches_moments_explicit, same
+    # result); swap it in for this process only.
+    from kfac_jax._src import patches_second_moment as psm
+
+    psm.patches_moments = psm.patches_moments_explicit
+  if method in ("kfac_expand", "kfac_expand_explicit", "kfac_reduce", "ekfac"):
+    ws = spec["ekfac_basis"] if method == "ekfac" else (
+        "reduce" if method == "kfac_reduce" else "expand")
+    state, out["kfac_s"], out["kfac_cpu_s"] = timed(lambda: fit_kfac(
+        xla_apply, params, schedule, x, draws, weight_sharing=ws, batch_size=spec["batch"]))
+    kinds = [lay.kind for lay in state.layout]
+    out["blocks"] = {"kronecker": kinds.count("kronecker"), "diagonal": kinds.count("diagonal")}
+    out["seconds"], out["cpu_s"] = out["kfac_s"], out["kfac_cpu_s"]
+    if method == "ekfac":
+      _, out["ekfac_s"], out["ekfac_cpu_s"] = timed(lambda: fit_ekfac(
+          apply_fn, params, schedule, x, draws, state, batch_size=spec["grad_batch"]))
+      out["seconds"] += out["ekfac_s"]
+      out["cpu_s"] += out["ekfac_cpu_s"]
+  elif method == "trak":
+    fn = measurement_fn("loss", apply_fn, schedule, draws)
+    proj = ProjectionConfig(dim=spec["dim"], kind="rademacher", seed=0)
+    phi, out["seconds"], out["cpu_s"] = timed(
+        lambda: featurize(fn, params, x, proj, chunk_size=spec["trak_chunk"]))
+    assert phi.shape == (n, spec["dim"]) and bool(jax.numpy.all(jax.numpy.isfinite(phi)))
+  else:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  out["vmhwm_kb"] = _status_kb("VmHWM")
+  return out
+
+
+def run_config(spec: dict, timeout: float) -> dict:
+  cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+  t0 = time.perf_counter()
+  try:
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    log(f"{spec['model']} {spec['method']} N={spec['n']}: timed out after {timeout:.0f} s")
+    return {**spec, "error": f"timed out after {timeout:.0f} s"}
+  if res.returncode:
+    log(f"{spec['model']} {spec['method']} N={spec['n']} failed:\n{res.stderr[-2000:]}")
+    return {**spec, "error": res.stderr[-2000:]}
+  row = json.loads(res.stdout.strip().splitlines()[-1])
+  row["process_wall_s"] = time.perf_counter() - t0
+  log(f"{spec['model']} {spec['method']} N={spec['n']} K={spec['draws']}: "
+      f"{row['seconds']:.1f} s (CPU {row['cpu_s']:.1f} s), VmHWM {row['vmhwm_kb'] / 1024:.0f} MiB")
+  return row
+
+
+# ---------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------
+
+
+def _ok(rows):
+  return [r for r in rows if "error" not in r]
+
+
+def report(res: dict) -> str:
+  env = res["env"]
+  lines = [f"{env['date']}, {env['cpus']} CPUs ({env['backend']}), jax {env['jax']}; "
+           f"`uptime` before: {env['uptime_before']}; after: {env['uptime_after']}"]
+  d = res.get("digits")
+  if d:
+    s = res["digits_setup"]
+    lines += ["", f"Fit time, digits UNet ({_ok(d)[0]['num_params'] if _ok(d) else '?':,} "
+              f"params), N = {s['n']} digits, K = {s['draws']} draws (N·K = {s['n'] * s['draws']:,} "
+              f"pairs), one fresh process each, compile included:", "",
+              "| method | wall s | CPU s | ms per example (wall) | blocks (Kronecker / diagonal) "
+              "| VmHWM (MiB) |", "|---|---|---|---|---|---|"]
+    for r in d:
+      name = {"kfac_expand": f"K-FAC expand (batch {s['batch']})",
+              "kfac_expand_explicit": "K-FAC expand, what-if: explicit patch moments",
+              "kfac_reduce": f"K-FAC reduce (batch {s['batch']})",
+              "ekfac": f"EK-FAC = K-FAC {s['ekfac_basis']} + eigenvalue pass (batch "
+                       f"{s['grad_batch']})",
+              "trak": f"TRAK featurize, f = loss, k = {s['dim']} (chunk {s['trak_chunk']})"
+              }[r["method"]]
+      if "error" in r:
+        lines.append(f"| {name} | failed: {r['error'].splitlines()[-1][:80]} | | | | |")
+        continue
+      blocks = (f"{r['blocks']['kronecker']} / {r['blocks']['diagonal']}" if "blocks" in r
+                else "")
+      lines.append(f"| {name} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | "
+                   f"{1e3 * r['seconds'] / r['n']:.1f} | {blocks} | {r['vmhwm_kb'] / 1024:.0f} |")
+      if r["method"] == "ekfac":
+        lines.append(f"| … of which K-FAC {s['ekfac_basis']} | {r['kfac_s']:.1f} | {r['kfac_cpu_s']:.1f} | | | |")
+        lines.append(f"| … of which the eigenvalue pass | {r['ekfac_s']:.1f} | "
+                     f"{r['ekfac_cpu_s']:.1f} | | | |")
+  m = res.get("memory")
+  if m:
+    s = res["memory_setup"]
+    ok = _ok(m)
+    lines += ["", f"Peak memory, {s['model']} ({ok[0]['num_params'] if ok else '?':,} params) at "
+              f"32×32 on CPU, K = {s['draws']}, batch {s['batch']} (grad batch "
+              f"{s['grad_batch']}), one fresh process per row:", "",
+              "| method | N | wall s | CPU s | VmHWM after init (MiB) | VmHWM (MiB) |",
+              "|---|---|---|---|---|---|"]
+    for r in m:
+      if "error" in r:
+        lines.append(f"| {r['method']} | {r['n']} | failed: "
+                     f"{r['error'].splitlines()[-1][:80]} | | | |")
+        continue
+      lines.append(f"| {r['method']} | {r['n']} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | "
+                   f"{r['vmhwm_init_kb'] / 1024:.0f} | {r['vmhwm_kb'] / 1024:.0f} |")
+    for method, slope in res.get("memory_slopes", {}).items():
+      lines.append(f"\n{method}: {slope['ms_per_example']:.0f} ms per example (wall, N "
+                   f"{slope['n'][0]} → {slope['n'][1]}), peak RSS change "
+                   f"{slope['vmhwm_change_mib']:+.0f} MiB")
+  return "\n".join(lines)
+
+
+def _slopes(rows: list[dict]) -> dict:
+  out = {}
+  for method in dict.fromkeys(r["method"] for r in _ok(rows)):
+    rs = sorted((r for r in _ok(rows) if r["method"] == method), key=lambda r: r["n"])
+    if len(rs) >= 2 and rs[-1]["n"] > rs[0]["n"]:
+      lo, hi = rs[0], rs[-1]
+      out[method] = {"n": [lo["n"], hi["n"]],
+                     "ms_per_example": 1e3 * (hi["seconds"] - lo["seconds"]) / (hi["n"] - lo["n"]),
+                     "vmhwm_change_mib": (hi["vmhwm_kb"] - lo["vmhwm_kb"]) / 1024}
+  return out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--digits-n", type=int, default=256, help="digits examples (all: 1797)")
+  p.add_argument("--digits-draws", type=int, default=10, help="K for digits")
+  p.add_argument("--digits-methods", type=_strs, default=list(METHODS))
+  p.add_argument("--batch", type=int, default=64, help="examples per K-FAC update (digits)")
+  p.add_argument("--grad-batch", type=int, default=32,
+                 help="examples per EK-FAC eigenvalue pass (digits)")
+  p.add_argument("--ekfac-basis", choices=("expand", "reduce"), default="reduce",
+                 help="K-FAC whose eigenbasis EK-FAC refits (reduce: fast on CPU; --full: "
+                      "expand, the fit-curvature default)")
+  p.add_argument("--dim", type=int, default=4096, help="TRAK projection dimension k")
+  p.add_argument("--trak-chunk", type=int, default=32, help="TRAK featurize chunk")
+  p.add_argument("--mem-n", type=_ints, default=[8, 16], help="N of the cifar_30m runs")
+  p.add_argument("--mem-model", default="cifar_30m")
+  p.add_argument("--mem-methods", type=_strs, default=["kfac_expand"])
+  p.add_argument("--mem-draws", type=int, default=1)
+  p.add_argument("--mem-batch", type=int, default=4)
+  p.add_argument("--mem-grad-batch", type=int, default=2)
+  p.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
+  p.add_argument("--skip-digits", action="store_true")
+  p.add_argument("--skip-memory", action="store_true")
+  p.add_argument("--full", action="store_true",
+                 help="all 1797 digits, cifar_30m N = 64,128,256 with K-FAC expand/reduce and "
+                      "EK-FAC (hours on 2 CPU cores)")
+  p.add_argument("--report-only", metavar="JSON", help="print the tables of a results file")
+  p.add_argument("--worker", help=argparse.SUPPRESS)
+  p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "curvature_cpu.json"))
+  args = p.parse_args(argv)
+  if args.worker is not None:
+    print(json.dumps(worker(json.loads(args.worker))))
+    return 0
+  if args.report_only:
+    print(report(json.loads(pathlib.Path(args.report_only).read_text())))
+    return 0
+  if args.full:
+    args.digits_n, args.mem_n = 1797, [64, 128, 256]
+    args.mem_methods = ["kfac_expand", "kfac_reduce", "ekfac"]
+    args.ekfac_basis = "expand"
+    args.timeout = max(args.timeout, 6 * 3600)
+
+  import jax
+
+  res = {"env": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                 "uptime_before": _uptime(), "cpus": os.cpu_count(),
+                 "backend": jax.default_backend(), "device": str(jax.devices()[0]),
+                 "jax": jax.__version__, "machine": platform.machine(),
+                 "args": {k: v for k, v in vars(args).items()}}}
+  t0 = time.perf_counter()
+  if not args.skip_digits:
+    setup = {"model": "digits", "n": args.digits_n, "draws": args.digits_draws,
+             "batch": args.batch, "grad_batch": args.grad_batch, "dim": args.dim,
+             "trak_chunk": args.trak_chunk, "ekfac_basis": args.ekfac_basis}
+    res["digits_setup"] = setup
+    res["digits"] = [run_config({**setup, "method": m}, args.timeout)
+                     for m in args.digits_methods]
+  if not args.skip_memory:
+    setup = {"model": args.mem_model, "draws": args.mem_draws, "batch": args.mem_batch,
+             "grad_batch": args.mem_grad_batch, "dim": args.dim, "trak_chunk": args.mem_batch,
+             "ekfac_basis": args.ekfac_basis}
+    res["memory_setup"] = setup
+    res["memory"] = [run_config({**setup, "method": m, "n": n}, args.timeout)
+                     for m in args.mem_methods for n in args.mem_n]
+    res["memory_slopes"] = _slopes(res["memory"])
+  res["env"]["uptime_after"] = _uptime()
+  res["env"]["total_s"] = time.perf_counter() - t0
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(res, indent=1, default=str))
+  print(report(res))
+  print(f"\n(total {res['env']['total_s']:.0f} s; results in {out})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,353 @@
+"""Drivers and CLI subcommands ``jattr lds`` and ``jattr counterfactual``.
+
+Both read an experiment config (JSON; see ``experiments/digits_lds/``):
+
+    {
+      "name": "digits_lds",
+      "spec": {...},                      # jattr.io.lds_cache.LdsSpec fields
+      "cache_root": "runs/lds_cache",     # where caches live (keyed by the spec hash)
+      "data_dir": null,                   # for fashion_mnist / cifar2 (else $JATTR_DATA)
+      "strategy": "map", "chunk_size": null, "query_chunk": 64,
+      "methods": ["random", "pixel_cosine"],
+      "bootstrap": {"num_resamples": 10000, "confidence": 0.95, "seed": 0},
+      "results": "runs/digits_lds/results.json",
+      "counterfactual": {"method": "pixel_cosine", "num_queries": 10,
+                         "ks": [10, 50, 100], "random_seed": 0}
+    }
+
+``jattr lds`` builds (or reuses) the cache, scores every requested method with
+validation-only selection (``jattr.eval.lds.select_and_evaluate``), prints the
+table (LDS on test real queries and on generated queries, with intervals, and the
+noise ceilings) and writes the results record. Any score matrices computed
+elsewhere enter with ``--scores NAME=PATH.npz`` (keys ``validation``, ``test``,
+``generated``, each τ [Q, N] over the cache's training set).
+
+Adding a method: register ``METHODS[name] = factory`` where
+``factory(cache, **options) -> (score_fn, grid)``; ``score_fn(hparams, queries)``
+returns τ [Q, N] (positive = proponent) and ``grid`` lists the candidate
+hyper-parameters (``[{}]`` if none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+import zlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattr.eval.counterfactual import counterfactual as run_removal
+from jattr.eval.lds import VALIDATION, select_and_evaluate, results_table
+from jattr.io import lds_cache
+
+
+# ---------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------
+
+
+def random_method(cache: lds_cache.LdsCache, seed: int = 0):
+  """τ[q, i] ~ N(0, 1), fixed per split: a harness check whose LDS must be ~0."""
+  n = cache.masks.shape[1]
+
+  def score_fn(hparams, queries):
+    rng = np.random.default_rng([seed, zlib.crc32(queries.name.encode())])
+    return rng.normal(size=(queries.images.shape[0], n))
+
+  return score_fn, [{}]
+
+
+def pixel_cosine_method(cache: lds_cache.LdsCache):
+  """τ[q, i] = cos(x_q, x_i) of flattened pixels (``jattr.methods.baselines``)."""
+  from jattr.methods.baselines import pixel_cosine  # pylint: disable=g-import-not-at-top
+
+  train = jnp.asarray(cache.train_images)
+
+  def score_fn(hparams, queries):
+    return np.asarray(pixel_cosine(jnp.asarray(queries.images), train))
+
+  return score_fn, [{}]
+
+
+def scores_file_method(path: str | pathlib.Path):
+  """Precomputed τ from an .npz with one [Q, N] array per split name."""
+  with np.load(path) as z:
+    table = {k: np.asarray(z[k]) for k in z.files}
+
+  def score_fn(hparams, queries):
+    if queries.name not in table:
+      raise ValueError(f"{path} has no scores for the {queries.name!r} split; found "
+                       f"{sorted(table)}")
+    return table[queries.name]
+
+  return score_fn, [{}]
+
+
+METHODS: dict[str, Callable] = {
+    "random": random_method,
+    "pixel_cosine": pixel_cosine_method,
+}
+
+
+# ---------------------------------------------------------------------------------
+# Drivers
+# ---------------------------------------------------------------------------------
+
+
+def load_config(path: str | pathlib.Path) -> dict:
+  """Reads an experiment config and checks its spec."""
+  config = json.loads(pathlib.Path(path).read_text())
+  if "spec" not in config:
+    raise ValueError(f"{path}: an experiment config needs a 'spec' entry (LdsSpec fields)")
+  lds_cache.LdsSpec.from_dict(config["spec"])
+  return config
+
+
+def build_cache(config: dict, *, progress: bool = True) -> lds_cache.LdsCache:
+  """Builds or loads the cache a config describes."""
+  spec = lds_cache.LdsSpec.from_dict(config["spec"])
+  return lds_cache.build(spec, config.get("cache_root", "runs/lds_cache"),
+                         data_dir=config.get("data_dir"),
+                         strategy=config.get("strategy", "map"),
+                         chunk_size=config.get("chunk_size"),
+                         query_chunk=config.get("query_chunk", 64), progress=progress)
+
+
+def _method_list(config: dict, methods, scores: dict | None):
+  names = list(methods if methods is not None else config.get("methods", list(METHODS)))
+  unknown = [m for m in names if m not in METHODS]
+  if unknown:
+    raise ValueError(f"unknown methods {unknown}; known: {sorted(METHODS)} (or pass "
+                     f"--scores NAME=PATH.npz)")
+  return names, dict(scores or {})
+
+
+def run_lds(config: dict, *, methods=None, scores: dict | None = None,
+            results_path: str | None = None, progress: bool = True,
+            out=sys.stdout) -> dict:
+  """Builds/reuses the cache, scores methods, prints the table, writes the record.
+
+  Args:
+    config: an experiment config (module docstring).
+    methods: names from ``METHODS``; default: the config's ``methods``.
+    scores: extra ``{name: path.npz}`` precomputed score matrices.
+    results_path: where to write the JSON record (default: the config's ``results``).
+    progress: progress bars.
+    out: where the table is printed.
+
+  Returns:
+    The results record (also written as JSON).
+  """
+  names, scores = _method_list(config, methods, scores)
+  t0 = time.perf_counter()
+  cache = build_cache(config, progress=progress)
+  boot = config.get("bootstrap", {})
+  reported = [cache.splits[s] for s in ("test", "generated") if cache.splits[s].y.shape[0]]
+  reports = []
+  for name in names:
+    score_fn, grid = METHODS[name](cache)
+    reports.append(select_and_evaluate(name, score_fn, grid, cache.masks,
+                                       cache.splits[VALIDATION], reported, **boot))
+  for name, path in scores.items():
+    score_fn, grid = scores_file_method(path)
+    reports.append(select_and_evaluate(name, score_fn, grid, cache.masks,
+                                       cache.splits[VALIDATION], reported, **boot))
+  table = results_table(reports) if reports else ""
+  summary = lds_cache.cache_summary(cache)
+  record = {"name": config.get("name"), "spec": cache.spec.to_dict(),
+            "spec_digest": cache.spec.digest(), "cache": summary,
+            "reports": [r.to_dict() for r in reports], "table": table,
+            "wall_s": time.perf_counter() - t0}
+  path = results_path or config.get("results")
+  if path:
+    lds_cache.save_report(path, record)
+  print(_header(cache, summary), file=out)
+  print(table, file=out)
+  if path:
+    print(f"\nresults written to {path}", file=out)
+  return record
+
+
+def _header(cache: lds_cache.LdsCache, summary: dict) -> str:
+  s = cache.spec
+  lines = [f"LDS benchmark {s.dataset}: N={s.num_train}, M={s.num_subsets}, alpha={s.alpha}, "
+           f"S={s.num_seeds} seeds/subset, K={s.num_draws} draws, "
+           f"{s.train_config.num_steps} steps; cache {cache.directory}"]
+  for name, c in summary["ceilings"].items():
+    full = c["spearman_brown_full"]
+    lines.append(f"  noise ceiling {name}: split-half {c['split_half']:.3f} "
+                 f"[{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]; Spearman-Brown estimate for the "
+                 f"{s.num_seeds}-seed average: " + ("-" if full is None else f"{full:.3f}"))
+  lines.append(f"  cache build (summed over runs): {summary['build_wall_s']:.0f} s wall, "
+               f"{summary['build_cpu_s']:.0f} s CPU")
+  return "\n".join(lines) + "\n"
+
+
+def run_counterfactual(config: dict, *, method: str | None = None, scores: str | None = None,
+                       num_queries: int | None = None, ks=None, random_seed: int | None = None,
+                       results_path: str | None = None, progress: bool = True,
+                       out=sys.stdout) -> dict:
+  """Counterfactual retraining for the first generated queries of a config's cache.
+
+  The method's hyper-parameters (if any) are chosen by validation LDS, as for the
+  table; the retrained models use the full-data model's recipe and seed
+  (``jattr.eval.counterfactual``).
+
+  Returns:
+    A record with the per-k summary (attributed vs random removal).
+  """
+  cf = dict(config.get("counterfactual", {}))
+  method = method or cf.get("method", "pixel_cosine")
+  num_queries = int(num_queries or cf.get("num_queries", 10))
+  ks = tuple(ks or cf.get("ks", (10, 50, 100)))
+  random_seed = int(cf.get("random_seed", 0) if random_seed is None else random_seed)
+  cache = build_cache(config, progress=progress)
+  gen = cache.splits["generated"]
+  if gen.y.shape[0] < num_queries:
+    raise ValueError(f"num_queries={num_queries} but the cache has only {gen.y.shape[0]} "
+                     f"generated queries")
+  if scores is not None:
+    score_fn, grid = scores_file_method(scores)
+    method = pathlib.Path(scores).stem
+  else:
+    if method not in METHODS:
+      raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
+    score_fn, grid = METHODS[method](cache)
+  chosen = grid[0] if len(grid) == 1 else select_and_evaluate(
+      method, score_fn, grid, cache.masks, cache.splits[VALIDATION], []).chosen
+  tau = np.asarray(score_fn(chosen, gen.queries))[:num_queries]
+  keys = jax.random.wrap_key_data(jnp.asarray(gen.queries.sample_keys[:num_queries]))
+  image_shape = cache.train_images.shape[1:]
+  tag = f"{method}-q{num_queries}-k{'_'.join(map(str, ks))}-r{random_seed}"
+  ckpt = cache.directory / "counterfactual" / tag
+  res = run_removal(cache.apply_fn, cache.init_fn, cache.schedule, cache.train_images,
+                    cache.train_config, tau,
+                    lds_cache.make_sample_fn(cache.apply_fn, cache.spec, image_shape),
+                    keys, gen.queries.images[:num_queries], seed=cache.spec.full_seed, ks=ks,
+                    random_seed=random_seed, strategy=config.get("strategy", "map"),
+                    chunk_size=config.get("chunk_size"), checkpoint_dir=ckpt,
+                    progress=progress)
+  rows = res.summary()
+  record = {"name": config.get("name"), "spec_digest": cache.spec.digest(), "method": method,
+            "chosen": chosen, "num_queries": num_queries, "random_seed": random_seed,
+            "summary": rows}
+  path = results_path or cf.get("results") or str(ckpt) + ".json"
+  lds_cache.save_report(path, record)
+  np.savez(pathlib.Path(path).with_suffix(".npz"), l2=res.l2, ssim=res.ssim,
+           removed=res.removed, ks=np.asarray(ks))
+  print(f"counterfactual {method} on {num_queries} generated queries "
+        f"(attributed vs random removal)", file=out)
+  print("| k | L2 attributed | L2 random | SSIM attributed | SSIM random | "
+        "frac L2 larger |", file=out)
+  print("|---|---|---|---|---|---|", file=out)
+  for r in rows:
+    print(f"| {r['k']} | {r['l2_attributed']:.3f} | {r['l2_random']:.3f} | "
+          f"{r['ssim_attributed']:.3f} | {r['ssim_random']:.3f} | {r['frac_l2_larger']:.2f} |",
+          file=out)
+  print(f"\nresults written to {path}", file=out)
+  return record
+
+
+# ---------------------------------------------------------------------------------
+# argparse
+# ---------------------------------------------------------------------------------
+
+
+def _parse_scores(items) -> dict:
+  out = {}
+  for item in items or []:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+      raise ValueError(f"--scores must look like NAME=PATH.npz, got {item!r}")
+    out[name] = path
+  return out
+
+
+def _apply_overrides(config: dict, args) -> dict:
+  config = dict(config)
+  for key in ("cache_root", "data_dir"):
+    if getattr(args, key, None) is not None:
+      config[key] = getattr(args, key)
+  return config
+
+
+def _lds_main(args) -> int:
+  config = _apply_overrides(load_config(args.config), args)
+  run_lds(config, methods=args.method, scores=_parse_scores(args.scores),
+          results_path=args.results, progress=not args.no_progress)
+  return 0
+
+
+def _counterfactual_main(args) -> int:
+  config = _apply_overrides(load_config(args.config), args)
+  run_counterfactual(config, method=args.method, scores=args.scores,
+                     num_queries=args.num_queries, ks=args.ks, random_seed=args.random_seed,
+                     results_path=args.results, progress=not args.no_progress)
+  return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--config", required=True, help="experiment config (JSON)")
+  p.add_argument("--cache-root", default=None, help="override the config's cache_root")
+  p.add_argument("--data-dir", default=None, help="override the config's data_dir")
+  p.add_argument("--results", default=None, help="where to write the JSON record")
+  p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_lds_parser(subparsers) -> argparse.ArgumentParser:
+  """Adds ``lds``: build/reuse the LDS cache and print the benchmark table.
+
+  Sets ``func`` on the parsed namespace: ``args.func(args)`` runs it.
+  """
+  p = subparsers.add_parser(
+      "lds", help="linear datamodeling score of attribution methods (builds/reuses the cache)",
+      description="Builds (or reuses) the retrained-subset cache of a config and prints LDS "
+                  "on test real and generated queries, with bootstrap intervals and the "
+                  "noise ceiling. Hyper-parameters are selected on validation queries only.")
+  _common(p)
+  p.add_argument("--method", action="append", default=None, choices=sorted(METHODS),
+                 help="method to score (repeatable; default: the config's methods)")
+  p.add_argument("--scores", action="append", default=[], metavar="NAME=PATH.npz",
+                 help="precomputed scores: .npz with validation/test/generated [Q, N]")
+  p.set_defaults(func=_lds_main)
+  return p
+
+
+def add_counterfactual_parser(subparsers) -> argparse.ArgumentParser:
+  """Adds ``counterfactual``: remove top-k attributed vs k random examples, retrain,
+  regenerate from the same noise, report pixel L2 and SSIM change."""
+  p = subparsers.add_parser(
+      "counterfactual", help="retrain without the top-k attributed examples and regenerate",
+      description="For the first generated queries of the config's cache, removes the top-k "
+                  "attributed (and k random) training examples, retrains with the same "
+                  "recipe and seed, regenerates from the same noise, and reports the change.")
+  _common(p)
+  p.add_argument("--method", default=None, choices=sorted(METHODS),
+                 help="attribution method (default: the config's counterfactual.method)")
+  p.add_argument("--scores", default=None, metavar="PATH.npz",
+                 help="precomputed scores (.npz with a 'generated' [Q, N] array)")
+  p.add_argument("--num-queries", type=int, default=None)
+  p.add_argument("--ks", type=int, nargs="+", default=None)
+  p.add_argument("--random-seed", type=int, default=None)
+  p.set_defaults(func=_counterfactual_main)
+  return p
+
+
+def main(argv=None) -> int:
+  """Standalone entry point: ``python -m jattr.eval.cli {lds,counterfactual} ...``."""
+  parser = argparse.ArgumentParser(prog="jattr")
+  sub = parser.add_subparsers(dest="command", required=True)
+  add_lds_parser(sub)
+  add_counterfactual_parser(sub)
+  args = parser.parse_args(argv)
+  return args.func(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

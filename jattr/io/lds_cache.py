@@ -1,0 +1,480 @@
+"""The on-disk LDS cache: subset models and their measurements, built once, reused always.
+
+Everything that defines an LDS benchmark — data, split, architecture, recipe,
+subsets, seeds, draws, sampler — is an ``LdsSpec``. Its canonical JSON is hashed,
+and the cache lives in ``<root>/<dataset>-<hash>/``:
+
+    spec.json                   the spec, its hash, the format version
+    split.npz                   train/validation/test indices into the dataset,
+                                subset masks [M, N]
+    full/                       train_many checkpoint of the full-data model
+                                (the model attributed; generated queries come from it)
+    queries.npz                 validation, test and generated query images, and the
+                                sampler key of each generated sample
+    models/replicate_<r>/       train_many checkpoint of the M subset models of seed
+                                replicate r (every subset model has seed r: common
+                                random numbers)
+    y/replicate_<r>.npz         measurements y [Q_total, M] of replicate r, written
+                                once its models are trained
+    timing.json                 wall-clock and CPU seconds per stage, summed over
+                                resumptions
+
+``build`` runs the stages in order and skips every stage whose output exists, so a
+second call with the same spec reads the cache and trains nothing, and a build
+killed at any point resumes from the last segment checkpoint of the stage it was in
+(``train_many``'s own resume) with identical numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattr import data as data_lib
+from jattr.diffusion import draws as draws_lib
+from jattr.diffusion import samplers
+from jattr.diffusion.schedules import Schedule
+from jattr.eval.lds import (Queries, QuerySet, member_measure_fn, noise_ceiling,
+                             spearman_brown, subset_masks, subset_size)
+from jattr.io import checkpoint
+from jattr.train import TrainConfig, init_state, make_optimizer, member_keys, train_many
+from jattr.types import ApplyFn, Params
+
+FORMAT_VERSION = 1
+SPLITS = ("validation", "test", "generated")
+
+
+@dataclasses.dataclass(frozen=True)
+class LdsSpec:
+  """Everything that defines an LDS benchmark; its hash names the cache.
+
+  Attributes:
+    dataset: a ``jattr.data.DATASET_NAMES`` entry.
+    data_split: which split of the dataset to draw train and held-out queries from.
+    image_size: resize images to this side first (None: keep).
+    classes: keep only these labels (None: all).
+    num_train: N, the training set (drawn with ``split_indices``).
+    num_validation, num_test: held-out real queries, disjoint from the training set
+      and from each other.
+    num_generated: queries sampled from the full-data model.
+    split_seed: seed of the train/validation/test split.
+    model: the UNet: ``{"preset": name, **overrides}`` with a
+      ``jattr.models.config_by_name`` preset and ``UNetConfig`` fields to replace
+      (``image_shape`` is set from the data); any dict when a model is passed to
+      ``build`` directly.
+    schedule: ``Schedule`` fields, e.g. ``{"kind": "linear", "num_timesteps": 1000}``.
+    train: ``TrainConfig`` fields (the recipe shared by every model).
+    num_subsets: M.
+    alpha: subset fraction α.
+    subset_seed: seed of the subset draw.
+    num_seeds: S, seed replicates per subset (replicate r uses seed r for all M).
+    full_seed: seed of the full-data model.
+    num_draws: K, fixed (t, ε) draws of the measurement.
+    draw_seed: seed of the draws.
+    draw_timesteps: ``"uniform"`` (range(0, T, T//K)) or ``"random"``.
+    sampler: ``{"kind": "ddim", "num_steps": 50, "eta": 0.0}`` or ``{"kind": "ddpm"}``.
+    sample_seed: generated sample j uses the key ``fold_in(key(sample_seed), j)``.
+  """
+
+  dataset: str = "digits"
+  data_split: str = "train"
+  image_size: int | None = None
+  classes: tuple[int, ...] | None = None
+  num_train: int = 300
+  num_validation: int = 100
+  num_test: int = 100
+  num_generated: int = 100
+  split_seed: int = 0
+  model: dict = dataclasses.field(default_factory=lambda: {"preset": "digits"})
+  schedule: dict = dataclasses.field(
+      default_factory=lambda: {"kind": "linear", "num_timesteps": 1000})
+  train: dict = dataclasses.field(default_factory=dict)
+  num_subsets: int = 64
+  alpha: float = 0.5
+  subset_seed: int = 0
+  num_seeds: int = 2
+  full_seed: int = 0
+  num_draws: int = 100
+  draw_seed: int = 0
+  draw_timesteps: str = "uniform"
+  sampler: dict = dataclasses.field(
+      default_factory=lambda: {"kind": "ddim", "num_steps": 50, "eta": 0.0})
+  sample_seed: int = 0
+
+  def __post_init__(self):
+    if self.classes is not None:
+      object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+    for name in ("num_train", "num_subsets", "num_seeds", "num_draws"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"LdsSpec.{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("num_validation", "num_test", "num_generated"):
+      if int(getattr(self, name)) < 0:
+        raise ValueError(f"LdsSpec.{name} must be >= 0, got {getattr(self, name)}")
+    if self.num_validation < 1:
+      raise ValueError(f"LdsSpec.num_validation must be >= 1 (selection needs validation "
+                       f"queries), got {self.num_validation}")
+    subset_size(self.num_train, self.alpha)  # validates alpha and N
+    TrainConfig(**self.train)  # validates the recipe
+    Schedule(**self.schedule)
+    if self.sampler.get("kind") not in ("ddim", "ddpm"):
+      raise ValueError(f"LdsSpec.sampler['kind'] must be 'ddim' or 'ddpm', got {self.sampler}")
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "LdsSpec":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown LdsSpec fields {unknown}; expected a subset of {sorted(known)}")
+    return cls(**d)
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["classes"] = None if self.classes is None else list(self.classes)
+    return d
+
+  def digest(self) -> str:
+    """Hex SHA-256 of the canonical JSON of the spec (and the format version)."""
+    text = json.dumps({"version": FORMAT_VERSION, "spec": self.to_dict()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+  @property
+  def train_config(self) -> TrainConfig:
+    return TrainConfig(**self.train)
+
+  @property
+  def noise_schedule(self) -> Schedule:
+    return Schedule(**self.schedule)
+
+
+@dataclasses.dataclass
+class LdsCache:
+  """A built cache, loaded: what every method is scored against.
+
+  Attributes:
+    spec: the spec it was built from.
+    directory: where it lives.
+    train_images: the N training images [N, H, W, C] (float32, [−1, 1]).
+    train_indices: their indices into the loaded dataset split [N].
+    masks: subset membership [M, N].
+    splits: ``QuerySet`` by split name (``validation``, ``test``, ``generated``),
+      each with measurements y [Q, M, S].
+    full_params: EMA parameters of the full-data model (the attributed model).
+    apply_fn, init_fn: the model.
+    draws: the K fixed draws of the measurement.
+    timing: ``{stage: {"wall_s", "cpu_s"}}`` per build stage, summed over runs.
+  """
+
+  spec: LdsSpec
+  directory: pathlib.Path
+  train_images: np.ndarray
+  train_indices: np.ndarray
+  masks: np.ndarray
+  splits: dict
+  full_params: Params
+  apply_fn: ApplyFn
+  init_fn: Callable
+  draws: draws_lib.Draws
+  timing: dict
+
+  @property
+  def schedule(self) -> Schedule:
+    return self.spec.noise_schedule
+
+  @property
+  def train_config(self) -> TrainConfig:
+    return self.spec.train_config
+
+
+# ---------------------------------------------------------------------------------
+# Paths and small file helpers
+# ---------------------------------------------------------------------------------
+
+
+def cache_dir(spec: LdsSpec, root: str | os.PathLike) -> pathlib.Path:
+  """``<root>/<dataset>-<first 12 hex digits of the spec hash>``."""
+  return pathlib.Path(root) / f"{spec.dataset}-{spec.digest()[:12]}"
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def _write_npz(path: pathlib.Path, **arrays) -> None:
+  # Write-then-rename: a build killed mid-write never leaves a half file that a
+  # resumed build would take for a finished stage.
+  tmp = path.with_name(path.name + ".tmp.npz")
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+class _Timer:
+  """Wall-clock and process CPU seconds of a stage, added to ``timing.json`` on exit.
+
+  CPU seconds (all threads) are recorded beside wall seconds because the machine
+  may be shared: on an otherwise idle machine with c cores, wall ≈ CPU / c when
+  XLA keeps every core busy.
+  """
+
+  def __init__(self, directory: pathlib.Path, stage: str):
+    self.directory, self.stage = directory, stage
+
+  def __enter__(self):
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+    return self
+
+  def __exit__(self, *exc):
+    if exc[0] is not None:
+      return False
+    path = self.directory / "timing.json"
+    timing = json.loads(path.read_text()) if path.exists() else {}
+    entry = timing.get(self.stage, {"wall_s": 0.0, "cpu_s": 0.0})
+    entry["wall_s"] += time.perf_counter() - self.wall
+    entry["cpu_s"] += time.process_time() - self.cpu
+    timing[self.stage] = entry
+    _write_json(path, timing)
+    return False
+
+
+# ---------------------------------------------------------------------------------
+# Model, data, draws
+# ---------------------------------------------------------------------------------
+
+
+def _unet_from_spec(spec: LdsSpec, image_shape: tuple[int, int, int]):
+  from jattr import models  # pylint: disable=g-import-not-at-top
+
+  fields = dict(spec.model)
+  preset = fields.pop("preset", None)
+  if preset is not None:
+    config = models.config_by_name(preset)
+    config = dataclasses.replace(config, image_shape=tuple(image_shape), **fields)
+  else:
+    config = models.UNetConfig(**{"image_shape": tuple(image_shape), **fields})
+  return models.make_init_fn(config), models.make_apply_fn(config)
+
+
+def load_data(spec: LdsSpec, data_dir=None):
+  """The dataset split of ``spec``, resized and class-filtered as it asks."""
+  ds = data_lib.load_dataset(spec.dataset, data_dir=data_dir, split=spec.data_split)
+  if spec.classes is not None:
+    ds = data_lib.filter_classes(ds, spec.classes)
+  if spec.image_size is not None and ds.shape[:2] != (spec.image_size, spec.image_size):
+    ds = data_lib.resize(ds, spec.image_size)
+  return ds
+
+
+def make_draws(spec: LdsSpec, image_shape) -> draws_lib.Draws:
+  """The K fixed (t, ε) draws of the measurement."""
+  return draws_lib.fixed_draws(jax.random.key(spec.draw_seed), spec.num_draws,
+                               tuple(image_shape), spec.noise_schedule.num_timesteps,
+                               timesteps=spec.draw_timesteps)
+
+
+def sample_keys(spec: LdsSpec) -> jax.Array:
+  """One sampler key per generated query: ``fold_in(key(sample_seed), j)``."""
+  base = jax.random.key(spec.sample_seed)
+  return jax.vmap(lambda j: jax.random.fold_in(base, j))(jnp.arange(spec.num_generated))
+
+
+def make_sample_fn(apply_fn: ApplyFn, spec: LdsSpec, image_shape
+                   ) -> Callable[[Params, jax.Array], jax.Array]:
+  """``sample_fn(params, key) -> image [H, W, C]``: the spec's sampler run on a batch of one.
+
+  Sampling one image per key is what lets counterfactual retraining regenerate
+  query j alone, from exactly the noise that produced it.
+  """
+  sched, cfg = spec.noise_schedule, spec.train_config
+  sampler = dict(spec.sampler)
+  kind = sampler.pop("kind")
+  run = samplers.ddim_sample if kind == "ddim" else samplers.ddpm_sample
+
+  def sample_fn(params, key):
+    shape = (1,) + tuple(image_shape)
+    return run(apply_fn, params, sched, key, shape, parameterization=cfg.parameterization,
+               **sampler)[0]
+
+  return sample_fn
+
+
+def generate(apply_fn: ApplyFn, params: Params, spec: LdsSpec, keys: jax.Array,
+             image_shape) -> np.ndarray:
+  """Sample j from ``keys[j]`` alone (``make_sample_fn``); returns [len(keys), H, W, C]."""
+  fn = make_sample_fn(apply_fn, spec, image_shape)
+  return np.asarray(jax.jit(lambda ks: jax.lax.map(lambda k: fn(params, k), ks))(keys))
+
+
+def _abstract_state(init_fn, config: TrainConfig, num_members: int):
+  optimizer = make_optimizer(config)
+  one = jax.eval_shape(lambda k: init_state(init_fn(k), optimizer), member_keys(0)[0])
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct((num_members,) + a.shape, a.dtype), one)
+
+
+def _finished_state(directory: pathlib.Path, init_fn, config: TrainConfig, num_members: int):
+  """The stacked state of a finished train_many run in ``directory``, or None."""
+  if checkpoint.latest_step(directory) != config.num_steps:
+    return None
+  state, _, _ = checkpoint.restore(directory, _abstract_state(init_fn, config, num_members))
+  return state
+
+
+# ---------------------------------------------------------------------------------
+# Build
+# ---------------------------------------------------------------------------------
+
+
+def _check_spec_file(directory: pathlib.Path, spec: LdsSpec) -> None:
+  path = directory / "spec.json"
+  record = {"version": FORMAT_VERSION, "digest": spec.digest(), "spec": spec.to_dict()}
+  if path.exists():
+    saved = json.loads(path.read_text())
+    if saved.get("digest") != record["digest"]:
+      raise ValueError(f"{path} holds a different spec (digest {saved.get('digest')}, "
+                       f"expected {record['digest']}); remove the directory or use another root")
+  else:
+    _write_json(path, record)
+
+
+def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
+          model: tuple[Callable, ApplyFn] | None = None, strategy: str = "map",
+          chunk_size: int | None = None, query_chunk: int = 64,
+          progress: bool = True) -> LdsCache:
+  """Builds the cache of ``spec`` under ``root``, or loads it if it is there.
+
+  Stages, each skipped when its output exists (module docstring): split and
+  subsets; the full-data model; query images (generated from the full model);
+  then per seed replicate r = 0..S−1, the M subset models and their measurements.
+  The measurements y[q, j, r] are ``jattr.eval.lds.measure_loss`` of the EMA
+  parameters over the spec's fixed draws.
+
+  Args:
+    spec: the benchmark definition.
+    root: the folder holding caches.
+    data_dir: data directory for non-embedded datasets (not part of the hash).
+    model: ``(init_fn, apply_fn)`` to use instead of the UNet of ``spec.model``
+      (``spec.model`` should then describe it, since it is what gets hashed).
+    strategy, chunk_size: how ``train_many`` runs the member axis; they do not
+      change the models, so they are not part of the hash.
+    query_chunk: queries per measurement call.
+    progress: show progress bars.
+
+  Returns:
+    The loaded ``LdsCache``.
+  """
+  directory = cache_dir(spec, root)
+  directory.mkdir(parents=True, exist_ok=True)
+  _check_spec_file(directory, spec)
+  config, sched = spec.train_config, spec.noise_schedule
+
+  ds = load_data(spec, data_dir)
+  image_shape = ds.shape
+  init_fn, apply_fn = model if model is not None else _unet_from_spec(spec, image_shape)
+  draws = make_draws(spec, image_shape)
+
+  # Stage 1: split and subsets.
+  split_path = directory / "split.npz"
+  if not split_path.exists():
+    train_idx, val_idx, test_idx = data_lib.split_indices(
+        len(ds), [spec.num_train, spec.num_validation, spec.num_test], spec.split_seed)
+    masks = subset_masks(spec.num_train, spec.num_subsets, spec.alpha, spec.subset_seed)
+    _write_npz(split_path, train=train_idx, validation=val_idx, test=test_idx, masks=masks)
+  split = dict(np.load(split_path))
+  train_images = ds.x[split["train"]]
+  masks = split["masks"]
+
+  # Stage 2: the full-data model.
+  full_dir = directory / "full"
+  state = _finished_state(full_dir, init_fn, config, 1)
+  if state is None:
+    with _Timer(directory, "full_model"):
+      state = train_many(apply_fn, init_fn, sched, train_images,
+                         np.ones((1, spec.num_train), bool), [spec.full_seed], config,
+                         strategy=strategy, chunk_size=chunk_size, checkpoint_dir=full_dir,
+                         meta={"lds_cache": spec.digest()}, progress=progress).state
+  full_params = jax.tree.map(lambda a: a[0], state.ema_params)
+
+  # Stage 3: query images.
+  queries_path = directory / "queries.npz"
+  if not queries_path.exists():
+    with _Timer(directory, "generate"):
+      keys = sample_keys(spec)
+      gen = (generate(apply_fn, full_params, spec, keys, image_shape) if spec.num_generated
+             else np.zeros((0,) + image_shape, np.float32))
+      _write_npz(queries_path, validation=ds.x[split["validation"]], test=ds.x[split["test"]],
+                 generated=gen, generated_keys=np.asarray(jax.random.key_data(keys)))
+  qz = dict(np.load(queries_path))
+  all_queries = np.concatenate([qz[s] for s in SPLITS])
+  bounds = np.cumsum([0] + [qz[s].shape[0] for s in SPLITS])
+
+  # Stage 4: seed replicates of the subset models, and their measurements.
+  (directory / "y").mkdir(exist_ok=True)
+  measure = member_measure_fn(apply_fn, sched, draws, parameterization=config.parameterization,
+                              query_chunk=query_chunk)
+  ys = []
+  for r in range(spec.num_seeds):
+    y_path = directory / "y" / f"replicate_{r}.npz"
+    if not y_path.exists():
+      model_dir = directory / "models" / f"replicate_{r}"
+      state = _finished_state(model_dir, init_fn, config, spec.num_subsets)
+      if state is None:
+        with _Timer(directory, f"train_replicate_{r}"):
+          state = train_many(apply_fn, init_fn, sched, train_images, masks,
+                             [r] * spec.num_subsets, config, strategy=strategy,
+                             chunk_size=chunk_size, checkpoint_dir=model_dir,
+                             meta={"lds_cache": spec.digest(), "replicate": r},
+                             progress=progress).state
+      with _Timer(directory, f"measure_replicate_{r}"):
+        y = np.asarray(measure(state.ema_params, jnp.asarray(all_queries)), np.float64)
+        _write_npz(y_path, y=y)
+    ys.append(np.load(y_path)["y"])
+  y_all = np.stack(ys, axis=-1)  # [Q_total, M, S]
+
+  splits = {}
+  for s, a, b in zip(SPLITS, bounds[:-1], bounds[1:]):
+    keys = qz["generated_keys"] if s == "generated" else None
+    splits[s] = QuerySet(Queries(s, qz[s], keys), y_all[a:b])
+  timing_path = directory / "timing.json"
+  timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+  return LdsCache(spec=spec, directory=directory, train_images=train_images,
+                  train_indices=split["train"], masks=masks, splits=splits,
+                  full_params=full_params, apply_fn=apply_fn, init_fn=init_fn, draws=draws,
+                  timing=timing)
+
+
+def load_spec(path: str | os.PathLike) -> LdsSpec:
+  """Reads an ``LdsSpec`` from a JSON file (the ``spec`` entry of a config, or a bare spec)."""
+  d = json.loads(pathlib.Path(path).read_text())
+  return LdsSpec.from_dict(d.get("spec", d))
+
+
+def save_report(path: str | os.PathLike, record: dict) -> None:
+  """Writes a results record (JSON) atomically, creating parent folders."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  _write_json(path, record)
+
+
+def cache_summary(cache: LdsCache) -> dict[str, Any]:
+  """A JSON-able summary: spec hash, sizes, noise ceilings, build times."""
+  out = {"directory": str(cache.directory), "digest": cache.spec.digest(),
+         "num_train": int(cache.masks.shape[1]), "num_subsets": int(cache.masks.shape[0]),
+         "num_seeds": cache.spec.num_seeds, "timing_s": cache.timing, "ceilings": {}}
+  for name, qs in cache.splits.items():
+    if qs.y.shape[0] and qs.y.shape[-1] >= 2:
+      c = noise_ceiling(qs.y)
+      full = float(spearman_brown(c.mean)) if c.mean > 0 else None
+      out["ceilings"][name] = {"split_half": c.mean, "ci": [c.ci_low, c.ci_high],
+                               "spearman_brown_full": full}
+  out["build_wall_s"] = float(sum(v["wall_s"] for v in cache.timing.values()))
+  out["build_cpu_s"] = float(sum(v["cpu_s"] for v in cache.timing.values()))
+  return out

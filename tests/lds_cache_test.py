@@ -1,0 +1,169 @@
+"""The on-disk LDS cache: layout, reuse without retraining, resume after a kill."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jattr.io import checkpoint
+from jattr.io import lds_cache
+
+
+def tiny_init(key, c=1, hidden=4):
+  k1, k2, k3 = jax.random.split(key, 3)
+  return {"conv1": jax.random.normal(k1, (3, 3, c, hidden)) * 0.3,
+          "temb": jax.random.normal(k2, (hidden,)) * 0.1,
+          "conv2": jax.random.normal(k3, (3, 3, hidden, c)) * 0.3}
+
+
+def tiny_apply(params, x, t):
+  conv = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = conv(x, params["conv1"]) + (t[:, None, None, None] / 50.0) * params["temb"]
+  return conv(jnp.tanh(h), params["conv2"])
+
+
+MODEL = (tiny_init, tiny_apply)
+SPEC = lds_cache.LdsSpec(
+    dataset="digits", num_train=16, num_validation=3, num_test=3, num_generated=2,
+    model={"name": "tiny_conv"}, schedule={"kind": "linear", "num_timesteps": 50},
+    train={"num_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 1,
+           "segment_steps": 2},
+    num_subsets=4, num_seeds=2, num_draws=3, sampler={"kind": "ddim", "num_steps": 5})
+
+
+def _build(root, spec=SPEC):
+  return lds_cache.build(spec, root, model=MODEL, progress=False)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  root = tmp_path_factory.mktemp("lds")
+  return root, _build(root)
+
+
+def test_build_layout_and_shapes(built):
+  root, cache = built
+  d = cache.directory
+  assert d == lds_cache.cache_dir(SPEC, root) and d.name.startswith("digits-")
+  for name in ("spec.json", "split.npz", "queries.npz", "timing.json", "y/replicate_0.npz",
+               "y/replicate_1.npz"):
+    assert (d / name).exists(), name
+  assert json.loads((d / "spec.json").read_text())["digest"] == SPEC.digest()
+  assert cache.masks.shape == (4, 16) and np.all(cache.masks.sum(1) == 8)
+  assert cache.train_images.shape == (16, 8, 8, 1)
+  for name, q in (("validation", 3), ("test", 3), ("generated", 2)):
+    assert cache.splits[name].y.shape == (q, 4, 2)
+    assert cache.splits[name].queries.images.shape == (q, 8, 8, 1)
+  assert cache.splits["generated"].queries.sample_keys.shape[0] == 2
+  assert np.all(np.isfinite(cache.splits["test"].y))
+  # Seed replicates differ; subsets within a replicate differ.
+  y = cache.splits["validation"].y
+  assert not np.allclose(y[..., 0], y[..., 1])
+  assert not np.allclose(y[:, 0, 0], y[:, 1, 0])
+  # Held-out queries are not training images.
+  train = {r.tobytes() for r in cache.train_images}
+  assert not any(r.tobytes() in train for r in cache.splits["test"].queries.images)
+
+
+def test_reuse_never_retrains_or_remeasures(built, monkeypatch):
+  root, cache = built
+
+  def forbidden(*a, **k):
+    raise AssertionError("the cache was rebuilt")
+
+  monkeypatch.setattr(lds_cache, "train_many", forbidden)
+  monkeypatch.setattr(lds_cache, "member_measure_fn", lambda *a, **k: forbidden)
+  monkeypatch.setattr(lds_cache, "generate", forbidden)
+  again = _build(root)
+  for name in cache.splits:
+    np.testing.assert_array_equal(again.splits[name].y, cache.splits[name].y)
+  jax.tree.map(np.testing.assert_array_equal, again.full_params, cache.full_params)
+
+
+def test_killed_build_resumes_to_the_same_numbers(built, tmp_path, monkeypatch):
+  _, cache = built
+  real_save = checkpoint.save
+  calls = {"n": 0}
+
+  def save_then_die(*args, **kwargs):
+    real_save(*args, **kwargs)
+    calls["n"] += 1
+    if calls["n"] == 3:  # full model: 2 saves; then the first segment of replicate 0
+      raise KeyboardInterrupt("killed")
+
+  monkeypatch.setattr(checkpoint, "save", save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    _build(tmp_path)
+  d = lds_cache.cache_dir(SPEC, tmp_path)
+  assert checkpoint.latest_step(d / "models" / "replicate_0") == 2
+  assert not (d / "y" / "replicate_0.npz").exists()
+  monkeypatch.setattr(checkpoint, "save", real_save)
+  resumed = _build(tmp_path)
+  for name in cache.splits:
+    np.testing.assert_allclose(resumed.splits[name].y, cache.splits[name].y, rtol=1e-6)
+
+
+def test_spec_hash_and_validation(tmp_path):
+  other = lds_cache.LdsSpec.from_dict({**SPEC.to_dict(), "num_subsets": 5})
+  assert other.digest() != SPEC.digest()
+  assert lds_cache.cache_dir(other, tmp_path) != lds_cache.cache_dir(SPEC, tmp_path)
+  assert lds_cache.LdsSpec.from_dict(SPEC.to_dict()).digest() == SPEC.digest()
+  with pytest.raises(ValueError, match="unknown LdsSpec fields"):
+    lds_cache.LdsSpec.from_dict({"num_subset": 3})
+  with pytest.raises(ValueError, match="alpha"):
+    lds_cache.LdsSpec(alpha=1.0)
+  with pytest.raises(ValueError, match="num_validation"):
+    lds_cache.LdsSpec(num_validation=0)
+  d = lds_cache.cache_dir(SPEC, tmp_path)
+  d.mkdir(parents=True)
+  (d / "spec.json").write_text(json.dumps({"digest": "something else"}))
+  with pytest.raises(ValueError, match="different spec"):
+    _build(tmp_path)
+
+
+def test_run_lds_prints_table_and_writes_record(built, tmp_path, monkeypatch, capsys):
+  from jattr.eval import cli
+
+  _, cache = built
+  monkeypatch.setattr(cli, "build_cache", lambda config, progress=True: cache)
+  n = cache.masks.shape[1]
+  scores_path = tmp_path / "ones.npz"
+  np.savez(scores_path, **{s: np.ones((cache.splits[s].y.shape[0], n)) for s in cache.splits})
+  results = tmp_path / "out" / "results.json"
+  record = cli.run_lds({"spec": SPEC.to_dict(), "bootstrap": {"num_resamples": 50}},
+                       methods=["random", "pixel_cosine"], scores={"ones": str(scores_path)},
+                       results_path=str(results))
+  out = capsys.readouterr().out
+  assert "| random |" in out and "| pixel_cosine |" in out and "| ones |" in out
+  assert "noise ceiling" in out
+  saved = json.loads(results.read_text())
+  assert [r["method"] for r in saved["reports"]] == ["random", "pixel_cosine", "ones"]
+  assert all(r["selected_on"] == "validation" for r in saved["reports"])
+  assert set(saved["reports"][0]["results"]) == {"test", "generated"}
+  # Constant scores give a constant prediction: no ranking, LDS 0.
+  assert saved["reports"][2]["results"]["test"]["mean"] == 0.0
+  assert record["spec_digest"] == SPEC.digest()
+  with pytest.raises(ValueError, match="unknown methods"):
+    cli.run_lds({"spec": SPEC.to_dict()}, methods=["nope"])
+
+
+def test_cli_parsers():
+  import argparse
+
+  from jattr.eval import cli
+
+  parser = argparse.ArgumentParser()
+  sub = parser.add_subparsers(dest="command")
+  cli.add_lds_parser(sub)
+  cli.add_counterfactual_parser(sub)
+  args = parser.parse_args(["lds", "--config", "c.json", "--method", "random",
+                            "--scores", "trak=t.npz"])
+  assert args.func is cli._lds_main and args.method == ["random"]
+  assert cli._parse_scores(args.scores) == {"trak": "t.npz"}
+  args = parser.parse_args(["counterfactual", "--config", "c.json", "--ks", "10", "50"])
+  assert args.func is cli._counterfactual_main and args.ks == [10, 50]
+  with pytest.raises(ValueError, match="NAME=PATH"):
+    cli._parse_scores(["oops"])
