@@ -1,6 +1,7 @@
 """The on-disk LDS cache: layout, reuse without retraining, resume after a kill."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -85,19 +86,22 @@ def test_reuse_never_retrains_or_remeasures(built, monkeypatch):
 
 def test_killed_build_resumes_to_the_same_numbers(built, tmp_path, monkeypatch):
   _, cache = built
+  # Start from the finished cache minus its subset models and measurements, so the
+  # build has to retrain every replicate; then kill it after the first checkpoint.
+  d = lds_cache.cache_dir(SPEC, tmp_path)
+  shutil.copytree(cache.directory, d, ignore=shutil.ignore_patterns("models", "y"))
   real_save = checkpoint.save
   calls = {"n": 0}
 
   def save_then_die(*args, **kwargs):
     real_save(*args, **kwargs)
     calls["n"] += 1
-    if calls["n"] == 3:  # full model: 2 saves; then the first segment of replicate 0
+    if calls["n"] == 1:  # the first segment (of 2) of replicate 0 is on disk
       raise KeyboardInterrupt("killed")
 
   monkeypatch.setattr(checkpoint, "save", save_then_die)
   with pytest.raises(KeyboardInterrupt):
     _build(tmp_path)
-  d = lds_cache.cache_dir(SPEC, tmp_path)
   assert checkpoint.latest_step(d / "models" / "replicate_0") == 2
   assert not (d / "y" / "replicate_0.npz").exists()
   monkeypatch.setattr(checkpoint, "save", real_save)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattr import data as data_lib
+from jattr import models
 from jattr.diffusion import draws as draws_lib
 from jattr.diffusion import samplers
 from jattr.diffusion.schedules import Schedule
@@ -252,8 +253,6 @@ class _Timer:
 
 
 def _unet_from_spec(spec: LdsSpec, image_shape: tuple[int, int, int]):
-  from jattr import models  # pylint: disable=g-import-not-at-top
-
   fields = dict(spec.model)
   preset = fields.pop("preset", None)
   if preset is not None:
