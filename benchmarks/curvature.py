@@ -27,9 +27,11 @@ Memory: peak RSS (VmHWM from /proc/self/status) of a K-FAC fit of
 not grow with N; the time grows linearly, and the slope between the smallest and
 the largest N is the per-example cost without the fixed (compile) part.
 
-    python benchmarks/curvature.py             # sized for ~10 min on 2 busy CPU cores
-    python benchmarks/curvature.py --full      # the full protocol: all 1797 digits,
-                                               # K = 10, cifar_30m N = 64, 128, 256
+    python benchmarks/curvature.py --skip-memory   # digits only: ~4 min on 2 idle cores
+    python benchmarks/curvature.py                 # + cifar_30m N = 2, 8, 32: ~20 min idle,
+                                                   #   (much) more when the cores are shared
+    python benchmarks/curvature.py --full          # the full protocol: all 1797 digits,
+                                                   # cifar_30m N = 64, 128, 256 (hours on CPU)
 
 Prints markdown tables and writes benchmarks/results/curvature_cpu.json.
 """
@@ -187,6 +189,17 @@ def _ok(rows):
   return [r for r in rows if "error" not in r]
 
 
+def _name(r: dict, s: dict) -> str:
+  basis = s.get("ekfac_basis", "expand")
+  return {"kfac_expand": f"K-FAC expand (batch {s['batch']})",
+          "kfac_expand_explicit": f"K-FAC expand, what-if: explicit patch moments (batch "
+                                  f"{s['batch']})",
+          "kfac_reduce": f"K-FAC reduce (batch {s['batch']})",
+          "ekfac": f"EK-FAC = K-FAC {basis} + eigenvalue pass (batch {s['grad_batch']})",
+          "trak": f"TRAK featurize, f = loss, k = {s['dim']} (chunk {s['trak_chunk']})"
+          }[r["method"]]
+
+
 def report(res: dict) -> str:
   env = res["env"]
   lines = [f"{env['date']}, {env['cpus']} CPUs ({env['backend']}), jax {env['jax']}; "
@@ -194,49 +207,52 @@ def report(res: dict) -> str:
   d = res.get("digits")
   if d:
     s = res["digits_setup"]
-    lines += ["", f"Fit time, digits UNet ({_ok(d)[0]['num_params'] if _ok(d) else '?':,} "
-              f"params), N = {s['n']} digits, K = {s['draws']} draws (N·K = {s['n'] * s['draws']:,} "
-              f"pairs), one fresh process each, compile included:", "",
-              "| method | wall s | CPU s | ms per example (wall) | blocks (Kronecker / diagonal) "
-              "| VmHWM (MiB) |", "|---|---|---|---|---|---|"]
+    ok = _ok(d)
+    params = f"{ok[0]['num_params']:,}" if ok else "?"
+    trak = {r["n"]: r for r in ok if r["method"] == "trak"}
+    lines += ["", f"Fit time, digits UNet ({params} params), first N digits, K = {s['draws']} "
+              "draws, one fresh process each, compilation and kfac-jax's graph matching "
+              "included:", "",
+              "| method | N | N·K pairs | wall s | CPU s | wall vs TRAK | blocks (Kronecker / "
+              "diagonal) | VmHWM (MiB) |", "|---|---|---|---|---|---|---|---|"]
     for r in d:
-      name = {"kfac_expand": f"K-FAC expand (batch {s['batch']})",
-              "kfac_expand_explicit": "K-FAC expand, what-if: explicit patch moments",
-              "kfac_reduce": f"K-FAC reduce (batch {s['batch']})",
-              "ekfac": f"EK-FAC = K-FAC {s['ekfac_basis']} + eigenvalue pass (batch "
-                       f"{s['grad_batch']})",
-              "trak": f"TRAK featurize, f = loss, k = {s['dim']} (chunk {s['trak_chunk']})"
-              }[r["method"]]
       if "error" in r:
-        lines.append(f"| {name} | failed: {r['error'].splitlines()[-1][:80]} | | | | |")
+        lines.append(f"| {_name(r, s)} | {r['n']} | | failed: "
+                     f"{r['error'].strip().splitlines()[-1][:80]} | | | | |")
         continue
       blocks = (f"{r['blocks']['kronecker']} / {r['blocks']['diagonal']}" if "blocks" in r
                 else "")
-      lines.append(f"| {name} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | "
-                   f"{1e3 * r['seconds'] / r['n']:.1f} | {blocks} | {r['vmhwm_kb'] / 1024:.0f} |")
+      ratio = (f"{r['seconds'] / trak[r['n']]['seconds']:.1f}x" if r["n"] in trak else "")
+      lines.append(f"| {_name(r, s)} | {r['n']} | {r['n'] * r['draws']:,} | {r['seconds']:.1f} | "
+                   f"{r['cpu_s']:.1f} | {ratio} | {blocks} | {r['vmhwm_kb'] / 1024:.0f} |")
       if r["method"] == "ekfac":
-        lines.append(f"| … of which K-FAC {s['ekfac_basis']} | {r['kfac_s']:.1f} | {r['kfac_cpu_s']:.1f} | | | |")
-        lines.append(f"| … of which the eigenvalue pass | {r['ekfac_s']:.1f} | "
+        lines.append(f"| … of which K-FAC {s.get('ekfac_basis', 'expand')} | | | "
+                     f"{r['kfac_s']:.1f} | {r['kfac_cpu_s']:.1f} | | | |")
+        lines.append(f"| … of which the eigenvalue pass | | | {r['ekfac_s']:.1f} | "
                      f"{r['ekfac_cpu_s']:.1f} | | | |")
+    for method, slope in res.get("digits_slopes", {}).items():
+      lines.append(f"\n{method}: {slope['ms_per_example']:.0f} ms per example beyond the fixed "
+                   f"cost (wall, N {slope['n'][0]} → {slope['n'][1]})")
   m = res.get("memory")
   if m:
     s = res["memory_setup"]
     ok = _ok(m)
-    lines += ["", f"Peak memory, {s['model']} ({ok[0]['num_params'] if ok else '?':,} params) at "
-              f"32×32 on CPU, K = {s['draws']}, batch {s['batch']} (grad batch "
-              f"{s['grad_batch']}), one fresh process per row:", "",
+    params = f"{ok[0]['num_params']:,}" if ok else "?"
+    lines += ["", f"Peak memory, {s['model']} ({params} params) at 32×32 on CPU, random images, "
+              f"K = {s['draws']}, batch {s['batch']} (EK-FAC pass: {s['grad_batch']}), one fresh "
+              "process per row:", "",
               "| method | N | wall s | CPU s | VmHWM after init (MiB) | VmHWM (MiB) |",
               "|---|---|---|---|---|---|"]
     for r in m:
       if "error" in r:
-        lines.append(f"| {r['method']} | {r['n']} | failed: "
-                     f"{r['error'].splitlines()[-1][:80]} | | | |")
+        lines.append(f"| {_name(r, s)} | {r['n']} | failed: "
+                     f"{r['error'].strip().splitlines()[-1][:80]} | | | |")
         continue
-      lines.append(f"| {r['method']} | {r['n']} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | "
+      lines.append(f"| {_name(r, s)} | {r['n']} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | "
                    f"{r['vmhwm_init_kb'] / 1024:.0f} | {r['vmhwm_kb'] / 1024:.0f} |")
     for method, slope in res.get("memory_slopes", {}).items():
-      lines.append(f"\n{method}: {slope['ms_per_example']:.0f} ms per example (wall, N "
-                   f"{slope['n'][0]} → {slope['n'][1]}), peak RSS change "
+      lines.append(f"\n{method}: {slope['ms_per_example']:.0f} ms per example beyond the fixed "
+                   f"cost (wall, N {slope['n'][0]} → {slope['n'][1]}); peak RSS change "
                    f"{slope['vmhwm_change_mib']:+.0f} MiB")
   return "\n".join(lines)
 
@@ -256,24 +272,27 @@ def _slopes(rows: list[dict]) -> dict:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--digits-n", type=int, default=256, help="digits examples (all: 1797)")
+  p.add_argument("--digits-n", type=_ints, default=[32],
+                 help="digits examples, comma-separated (all: 1797)")
   p.add_argument("--digits-draws", type=int, default=10, help="K for digits")
   p.add_argument("--digits-methods", type=_strs, default=list(METHODS))
-  p.add_argument("--batch", type=int, default=64, help="examples per K-FAC update (digits)")
-  p.add_argument("--grad-batch", type=int, default=32,
+  p.add_argument("--batch", type=int, default=16, help="examples per K-FAC update (digits)")
+  p.add_argument("--grad-batch", type=int, default=16,
                  help="examples per EK-FAC eigenvalue pass (digits)")
   p.add_argument("--ekfac-basis", choices=("expand", "reduce"), default="reduce",
                  help="K-FAC whose eigenbasis EK-FAC refits (reduce: fast on CPU; --full: "
                       "expand, the fit-curvature default)")
   p.add_argument("--dim", type=int, default=4096, help="TRAK projection dimension k")
   p.add_argument("--trak-chunk", type=int, default=32, help="TRAK featurize chunk")
-  p.add_argument("--mem-n", type=_ints, default=[8, 16], help="N of the cifar_30m runs")
+  p.add_argument("--mem-n", type=_ints, default=[2, 8, 32], help="N of the cifar_30m runs")
   p.add_argument("--mem-model", default="cifar_30m")
-  p.add_argument("--mem-methods", type=_strs, default=["kfac_expand"])
+  p.add_argument("--mem-methods", type=_strs, default=["kfac_reduce", "ekfac"],
+                 help="kfac_expand is left out by default: kfac-jax's conv moments make it "
+                      "very slow on CPU at 32x32 (see the digits table)")
   p.add_argument("--mem-draws", type=int, default=1)
-  p.add_argument("--mem-batch", type=int, default=4)
-  p.add_argument("--mem-grad-batch", type=int, default=2)
-  p.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
+  p.add_argument("--mem-batch", type=int, default=2)
+  p.add_argument("--mem-grad-batch", type=int, default=1)
+  p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
   p.add_argument("--skip-digits", action="store_true")
   p.add_argument("--skip-memory", action="store_true")
   p.add_argument("--full", action="store_true",
@@ -290,7 +309,7 @@ def main(argv=None) -> int:
     print(report(json.loads(pathlib.Path(args.report_only).read_text())))
     return 0
   if args.full:
-    args.digits_n, args.mem_n = 1797, [64, 128, 256]
+    args.digits_n, args.mem_n = [1797], [64, 128, 256]
     args.mem_methods = ["kfac_expand", "kfac_reduce", "ekfac"]
     args.ekfac_basis = "expand"
     args.timeout = max(args.timeout, 6 * 3600)
@@ -304,12 +323,13 @@ def main(argv=None) -> int:
                  "args": {k: v for k, v in vars(args).items()}}}
   t0 = time.perf_counter()
   if not args.skip_digits:
-    setup = {"model": "digits", "n": args.digits_n, "draws": args.digits_draws,
+    setup = {"model": "digits", "draws": args.digits_draws,
              "batch": args.batch, "grad_batch": args.grad_batch, "dim": args.dim,
              "trak_chunk": args.trak_chunk, "ekfac_basis": args.ekfac_basis}
     res["digits_setup"] = setup
-    res["digits"] = [run_config({**setup, "method": m}, args.timeout)
-                     for m in args.digits_methods]
+    res["digits"] = [run_config({**setup, "method": m, "n": n}, args.timeout)
+                     for m in args.digits_methods for n in args.digits_n]
+    res["digits_slopes"] = _slopes(res["digits"])
   if not args.skip_memory:
     setup = {"model": args.mem_model, "draws": args.mem_draws, "batch": args.mem_batch,
              "grad_batch": args.mem_grad_batch, "dim": args.dim, "trak_chunk": args.mem_batch,

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jattr.curvature import cli as curvature_cli
 from jattr.curvature import DiagonalState, EkfacState, KfacState
+from jattr.curvature import cli as curvature_cli
 from jattr.features.store_featurize import model_hash
 from jattr.io import curvature_store as cs
 
@@ -105,7 +105,7 @@ def toy_params(key):
 
 
 def test_kfac_diagonal_dense_round_trips_are_exact(tmp_path):
-  from jattr.curvature import fit_diagonal, fit_kfac, kfac_inverse_vp
+  from jattr.curvature import dense_ggn, fit_diagonal, fit_kfac, kfac_inverse_vp
   from jattr.diffusion import fixed_draws, schedules
 
   params = toy_params(jax.random.key(0))
@@ -129,25 +129,27 @@ def test_kfac_diagonal_dense_round_trips_are_exact(tmp_path):
   assert isinstance(loaded, DiagonalState)
   _assert_identical(loaded, dg)
 
-  dense = jax.random.normal(jax.random.key(3), (7, 7))
-  cs.save_curvature(tmp_path / "dense", dense, {"model_hash": "0" * 64})
-  loaded, got = cs.load_curvature(tmp_path / "dense", model_hash="0" * 64)
-  assert got["kind"] == "dense" and got["num_parameters"] == 7
+  # The driver's dense G, summed over batches of 2, is dense_ggn over all examples.
+  dense = curvature_cli.dense_ggn_batched(toy_apply, params, schedule, x0, draws, batch_size=2)
+  np.testing.assert_allclose(dense, dense_ggn(toy_apply, params, schedule, x0, draws),
+                             rtol=1e-5, atol=1e-7)
+  cs.save_curvature(tmp_path / "dense", dense, meta)
+  loaded, got = cs.load_curvature(tmp_path / "dense", model_hash=meta["model_hash"])
+  p = sum(x.size for x in jax.tree.leaves(params))
+  assert got["kind"] == "dense" and got["num_parameters"] == p
   _assert_identical(loaded, dense)
 
   with pytest.raises(FileExistsError, match="already holds a curvature"):
-    cs.save_curvature(tmp_path / "dense", dense, {"model_hash": "0" * 64})
-  cs.save_curvature(tmp_path / "dense", 2 * dense, {"model_hash": "0" * 64}, overwrite=True)
-  _assert_identical(cs.load_curvature(tmp_path / "dense", model_hash="0" * 64)[0], 2 * dense)
+    cs.save_curvature(tmp_path / "dense", dense, meta)
+  cs.save_curvature(tmp_path / "dense", 2 * dense, meta, overwrite=True)
+  _assert_identical(cs.load_curvature(tmp_path / "dense", params)[0], 2 * dense)
 
 
 def test_refuses_another_model_and_bad_input(tiny_run, ekfac_dir, tmp_path):
   out, _ = ekfac_dir
   params = _params(tiny_run)
-  other = jax.tree.map(lambda x: x, params)
-  leaf = jax.tree.leaves(other)[0]
-  other = jax.tree.unflatten(jax.tree.structure(other),
-                             [leaf + 1e-3] + jax.tree.leaves(other)[1:])
+  leaves, treedef = jax.tree.flatten(params)
+  other = jax.tree.unflatten(treedef, [leaves[0] + 1e-3] + leaves[1:])
   with pytest.raises(ValueError, match="fitted to a different model"):
     cs.load_curvature(out, other)
   with pytest.raises(ValueError, match="needs params or model_hash"):

@@ -130,7 +130,7 @@ def _method_list(config: dict, methods, scores: dict | None):
 
 def run_lds(config: dict, *, methods=None, scores: dict | None = None,
             results_path: str | None = None, progress: bool = True,
-            out=sys.stdout) -> dict:
+            out=None) -> dict:
   """Builds/reuses the cache, scores methods, prints the table, writes the record.
 
   Args:
@@ -139,11 +139,12 @@ def run_lds(config: dict, *, methods=None, scores: dict | None = None,
     scores: extra ``{name: path.npz}`` precomputed score matrices.
     results_path: where to write the JSON record (default: the config's ``results``).
     progress: progress bars.
-    out: where the table is printed.
+    out: where the table is printed (default: the current ``sys.stdout``).
 
   Returns:
     The results record (also written as JSON).
   """
+  out = sys.stdout if out is None else out
   names, scores = _method_list(config, methods, scores)
   t0 = time.perf_counter()
   cache = build_cache(config, progress=progress)
@@ -192,7 +193,7 @@ def _header(cache: lds_cache.LdsCache, summary: dict) -> str:
 def run_counterfactual(config: dict, *, method: str | None = None, scores: str | None = None,
                        num_queries: int | None = None, ks=None, random_seed: int | None = None,
                        results_path: str | None = None, progress: bool = True,
-                       out=sys.stdout) -> dict:
+                       out=None) -> dict:
   """Counterfactual retraining for the first generated queries of a config's cache.
 
   The method's hyper-parameters (if any) are chosen by validation LDS, as for the
@@ -202,6 +203,7 @@ def run_counterfactual(config: dict, *, method: str | None = None, scores: str |
   Returns:
     A record with the per-k summary (attributed vs random removal).
   """
+  out = sys.stdout if out is None else out
   cf = dict(config.get("counterfactual", {}))
   method = method or cf.get("method", "pixel_cosine")
   num_queries = int(num_queries or cf.get("num_queries", 10))
