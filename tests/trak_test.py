@@ -39,6 +39,32 @@ def test_orthogonal_projection_gives_exact_influence(x64, k):
   np.testing.assert_allclose(got, _exact_influence(gq, g, lam), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [12, 60])
+def test_dual_and_primal_forms_equal_exact(x64, n):
+  """N < k takes the N×N (dual) factorisation, N ≥ k the k×k one: both are exact."""
+  k, lam = 40, 0.05
+  phi, phiq = _features(3, n, k), _features(4, 5, k)
+  state = trak.trak_fit(phi, damping=lam)
+  assert trak.is_dual(state) == (n < k)
+  assert state.cholesky.shape == ((n, n) if n < k else (k, k))
+  np.testing.assert_allclose(trak.trak_score(state, phiq, tile=(2, 7)),
+                             _exact_influence(phiq, phi, lam), rtol=1e-9, atol=1e-12)
+  out = np.zeros((5, n))
+  assert trak.trak_score(state, phiq, out=out) is out
+  np.testing.assert_allclose(out, _exact_influence(phiq, phi, lam), rtol=1e-9, atol=1e-12)
+
+
+def test_float32_small_damping_with_few_examples_stays_finite():
+  """ΦᵀΦ of rank N ≪ k with c = 1e-6 broke the k×k Cholesky in float32; the dual holds."""
+  rng = np.random.default_rng(0)
+  phi = jnp.asarray(rng.standard_normal((50, 1000)) * np.logspace(0, 3, 1000), jnp.float32)
+  phiq = jnp.asarray(rng.standard_normal((4, 1000)), jnp.float32)
+  tau = trak.trak_score(trak.trak_fit(phi, relative_damping=1e-6), phiq)
+  want = _exact_influence(np.asarray(phiq, np.float64), np.asarray(phi, np.float64),
+                          1e-6 * float(np.sum(np.asarray(phi, np.float64) ** 2)) / 1000)
+  np.testing.assert_allclose(tau, want, rtol=2e-2, atol=1e-3 * np.abs(want).max())
+
+
 def test_default_damping_is_scale_free(x64):
   phi = _features(0, 40, 8)
   phiq = _features(1, 3, 8)

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattr.eval import gradient_methods
 from jattr.eval.counterfactual import counterfactual as run_removal
 from jattr.eval.lds import VALIDATION, select_and_evaluate, results_table
 from jattr.io import lds_cache
@@ -92,6 +93,7 @@ def scores_file_method(path: str | pathlib.Path):
 METHODS: dict[str, Callable] = {
     "random": random_method,
     "pixel_cosine": pixel_cosine_method,
+    **gradient_methods.VARIANTS,
 }
 
 

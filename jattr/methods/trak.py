@@ -39,9 +39,21 @@ DEFAULT_RELATIVE_DAMPING = 1e-3
 class TrakState(NamedTuple):
   """What ``trak_fit`` computes once per model.
 
+  Two equivalent forms, chosen by shape (``trak_fit``): the primal one factorises
+  the k×k kernel ΦᵀΦ + λI; when N < k the dual one factorises the N×N Gram
+  ΦΦᵀ + λI instead, by the push-through identity
+
+      (ΦᵀΦ + λI)⁻¹ Φᵀ = Φᵀ (ΦΦᵀ + λI)⁻¹.
+
+  The dual form is cheaper (N³ instead of k³) and, in float32, much better
+  conditioned: ΦᵀΦ has k − N zero eigenvalues, so with a small λ its rounding
+  errors (≈ 1e-7 × the largest eigenvalue) swamp λ and the Cholesky factorisation
+  fails; ΦΦᵀ has none.
+
   Attributes:
     features: Φ, the train features [N, k].
-    cholesky: lower-triangular L with L Lᵀ = ΦᵀΦ + λ I, [k, k].
+    cholesky: lower-triangular L with L Lᵀ = ΦᵀΦ + λ I, [k, k] (primal), or
+      L Lᵀ = ΦΦᵀ + λ I, [N, N] with N < k (dual).
     damping: λ, a scalar.
   """
 
@@ -89,12 +101,23 @@ def trak_fit(train_features: jax.Array, *, damping: float | None = None,
     if isinstance(damping, (int, float)) and damping < 0:
       raise ValueError(f"damping must be >= 0 or None, got {damping}")
     lam = jnp.asarray(damping, train_features.dtype)
-  return TrakState(features=train_features, cholesky=_damped_cholesky(train_features, lam),
-                   damping=lam)
+  n, k = train_features.shape
+  cholesky = (_damped_cholesky(train_features.T, lam) if n < k
+              else _damped_cholesky(train_features, lam))
+  if not bool(jnp.all(jnp.isfinite(cholesky))):
+    raise ValueError(f"ΦᵀΦ + λI is not numerically positive definite (λ = {float(lam):.3g}, "
+                     f"N = {n}, k = {k}, {train_features.dtype}): increase the damping")
+  return TrakState(features=train_features, cholesky=cholesky, damping=lam)
+
+
+def is_dual(state: TrakState) -> bool:
+  """Whether ``state`` holds the N×N (dual) factorisation."""
+  return state.cholesky.shape[0] < state.features.shape[1]
 
 
 @jax.jit
 def _damped_cholesky(features, lam):
+  """Cholesky factor of AᵀA + λI for A = ``features``."""
   gram = features.T @ features
   return jnp.linalg.cholesky(gram + lam * jnp.eye(gram.shape[0], dtype=gram.dtype))
 
@@ -109,8 +132,10 @@ def trak_score(state: TrakState, query_features: jax.Array, *,
                tile: tuple[int, int] = (1024, 8192), out: np.ndarray | None = None):
   """τ[q, i] = φ_qᵀ (ΦᵀΦ + λ I)⁻¹ φ_i.
 
-  The queries are preconditioned once, ψ_q = (ΦᵀΦ + λ I)⁻¹ φ_q (two triangular
-  solves with the Cholesky factor), then τ = Ψ Φᵀ is assembled tile by tile.
+  Primal form: the queries are preconditioned once, ψ_q = (ΦᵀΦ + λ I)⁻¹ φ_q (two
+  triangular solves with the Cholesky factor), then τ = Ψ Φᵀ is assembled tile by
+  tile. Dual form (N < k): τ = (Φ_q Φᵀ)(ΦΦᵀ + λI)⁻¹, the kernel Φ_q Φᵀ assembled
+  tile by tile and then solved against, a [Q, N] array with N < k.
 
   Args:
     state: from ``trak_fit``.
@@ -125,6 +150,13 @@ def trak_score(state: TrakState, query_features: jax.Array, *,
   k = state.features.shape[1]
   if query_features.ndim != 2 or query_features.shape[1] != k:
     raise ValueError(f"query_features must have shape [Q, k={k}], got {query_features.shape}")
+  if is_dual(state):
+    kernel = tiled_scores(query_features, state.features, *tile)
+    tau = _precondition(state.cholesky, kernel)
+    if out is not None:
+      out[...] = np.asarray(tau, out.dtype)
+      return out
+    return tau
   psi = _precondition(state.cholesky, query_features)
   if out is not None:
     return tiled_scores_into(out, psi, state.features, *tile)
