@@ -128,6 +128,29 @@ def test_driver_matches_precomputed_gradients(x64):
   np.testing.assert_allclose(dot, flat_q @ flat_t.T, rtol=1e-10)
 
 
+def test_damping_factor_scales_the_default(x64):
+  """damping_factor c gives λ = c × the mean eigenvalue (dense) or of diag(G) (diagonal)."""
+  schedule, x0, queries, draws, params = setup()
+  m = ggn.dense_ggn(linear_apply, params, schedule, x0, draws)
+  v = jax.tree.map(lambda p: jnp.arange(p.size, dtype=p.dtype).reshape(p.shape) / p.size, params)
+  flat, _ = ravel_pytree(v)
+  p = flat.size
+  for c in (0.01, 0.3):
+    got = ravel_pytree(inf.inverse_vp_fn(m, damping_factor=c)(v))[0]
+    want = np.linalg.solve(m + c * np.trace(m) / p * np.eye(p), flat)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+  state = diagonal.fit_diagonal(linear_apply, params, schedule, x0, draws,
+                                estimation_mode="ggn_exact")
+  d = ravel_pytree(state.diag)[0]
+  got = ravel_pytree(inf.inverse_vp_fn(state, damping_factor=2.0)(v))[0]
+  np.testing.assert_allclose(got, flat / (d + 2.0 * d.mean()), rtol=1e-10)
+  # The explicit λ wins over the factor; the factor must be positive.
+  got = ravel_pytree(inf.inverse_vp_fn(state, damping=0.5, damping_factor=2.0)(v))[0]
+  np.testing.assert_allclose(got, flat / (d + 0.5), rtol=1e-10)
+  with pytest.raises(ValueError, match="damping_factor must be > 0"):
+    inf.inverse_vp_fn(state, damping_factor=0.0)
+
+
 def test_bad_inputs_raise(x64):
   schedule, x0, queries, draws, params = setup()
   with pytest.raises(ValueError, match="damping must be"):

@@ -71,13 +71,15 @@ def _check_like(state: DiagonalState, v: Params):
         f"{[x.shape for x in jax.tree.leaves(state.diag)]}")
 
 
-def diagonal_inverse_vp(state: DiagonalState, v: Params, damping: float | None = None) -> Params:
+def diagonal_inverse_vp(state: DiagonalState, v: Params, damping: float | None = None, *,
+                        damping_factor: float = DEFAULT_DAMPING_FACTOR) -> Params:
   """(diag(G) + λ I)⁻¹ v.
 
   Args:
     state: from ``fit_diagonal``.
     v: a params-shaped vector.
     damping: λ ≥ 0; ``None`` uses 0.1 × the mean of diag(G) over all parameters.
+    damping_factor: the 0.1 of the default (used only when ``damping`` is None).
 
   Returns:
     v / (diag(G) + λ), shaped like ``v``.
@@ -86,7 +88,7 @@ def diagonal_inverse_vp(state: DiagonalState, v: Params, damping: float | None =
   _check_like(state, v)
   if damping is None:
     leaves = jax.tree.leaves(state.diag)
-    damping = DEFAULT_DAMPING_FACTOR * (sum(jnp.sum(d) for d in leaves)
+    damping = damping_factor * (sum(jnp.sum(d) for d in leaves)
                                         / sum(d.size for d in leaves))
   return jax.tree.map(lambda d, x: x / (d + damping), state.diag, v)
 

@@ -126,18 +126,20 @@ def fit_ekfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
   return EkfacState(blocks, layout)
 
 
-def ekfac_inverse_vp(state: EkfacState, v: Params, damping: float | None = None) -> Params:
+def ekfac_inverse_vp(state: EkfacState, v: Params, damping: float | None = None, *,
+                     damping_factor: float = DEFAULT_DAMPING_FACTOR) -> Params:
   """(Q diag(Λ) Qᵀ + λ I)⁻¹ v block by block, Q = Q_A ⊗ Q_G.
 
   Args:
     state: from ``fit_ekfac``.
     v: a params-shaped vector (no batch axis).
     damping: λ ≥ 0 for every block; ``None`` uses 0.1 × mean(Λ) per block.
+    damping_factor: the 0.1 of the default (used only when ``damping`` is None).
 
   Returns:
     The preconditioned vector, shaped like ``v``.
   """
-  return _apply(state, v, damping, inverse=True)
+  return _apply(state, v, damping, inverse=True, damping_factor=damping_factor)
 
 
 def ekfac_matvec(state: EkfacState, v: Params) -> Params:
@@ -152,12 +154,13 @@ def ekfac_eigenvalues(state: EkfacState) -> tuple[jax.Array, ...]:
                for lay, blk in zip(state.layout, state.blocks))
 
 
-def _apply(state: EkfacState, v: Params, damping, inverse: bool) -> Params:
+def _apply(state: EkfacState, v: Params, damping, inverse: bool,
+           damping_factor: float = DEFAULT_DAMPING_FACTOR) -> Params:
   check_damping(damping)
   leaves = check_vector(state.layout, v)
   out = list(leaves)
   for lay, blk, eig in zip(state.layout, state.blocks, ekfac_eigenvalues(state)):
-    lam = DEFAULT_DAMPING_FACTOR * jnp.mean(eig) if damping is None else damping
+    lam = damping_factor * jnp.mean(eig) if damping is None else damping
     if lay.kind == "kronecker":
       m = blk.a_eigvecs.T @ to_block_matrix(lay, leaves) @ blk.g_eigvecs
       m = m / (blk.eigvals + lam) if inverse else m * blk.eigvals

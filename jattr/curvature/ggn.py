@@ -238,13 +238,15 @@ def dense_operator(matvec: Callable[[Params], Params], params: Params):
   return cols.T
 
 
-def dense_inverse_vp(matrix, v: Params, damping: float | None = None) -> Params:
+def dense_inverse_vp(matrix, v: Params, damping: float | None = None, *,
+                     damping_factor: float = 0.1) -> Params:
   """(M + λ I)⁻¹ v for a dense curvature M (e.g. ``dense_ggn``, ``dense_hessian``).
 
   Args:
     matrix: M, [P, P] in ``ravel_pytree`` order of ``v``.
     v: a params-shaped vector.
     damping: λ ≥ 0; ``None`` uses 0.1 × the mean eigenvalue of M (0.1·tr(M)/P).
+    damping_factor: the 0.1 of the default (used only when ``damping`` is None).
 
   Returns:
     (M + λ I)⁻¹ v, shaped like ``v``.
@@ -254,7 +256,7 @@ def dense_inverse_vp(matrix, v: Params, damping: float | None = None) -> Params:
   if matrix.shape != (flat.size, flat.size):
     raise ValueError(f"matrix must have shape [P, P] = {(flat.size, flat.size)} for this v, "
                      f"got {matrix.shape}")
-  lam = 0.1 * jnp.trace(matrix) / flat.size if damping is None else damping
+  lam = damping_factor * jnp.trace(matrix) / flat.size if damping is None else damping
   return unravel(jnp.linalg.solve(matrix + lam * jnp.eye(flat.size, dtype=matrix.dtype), flat))
 
 

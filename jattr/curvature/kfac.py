@@ -431,9 +431,9 @@ def from_block_matrix(lay: BlockLayout, m, leaves: list) -> None:
     start += rows
 
 
-def _block_damping(damping, eigvals):
+def _block_damping(damping, eigvals, damping_factor=DEFAULT_DAMPING_FACTOR):
   if damping is None:
-    return DEFAULT_DAMPING_FACTOR * jnp.mean(eigvals)
+    return damping_factor * jnp.mean(eigvals)
   return damping
 
 
@@ -450,7 +450,8 @@ def kfac_matvec(state: KfacState, v: Params) -> Params:
   return jax.tree.unflatten(jax.tree.structure(v), out)
 
 
-def kfac_inverse_vp(state: KfacState, v: Params, damping: float | None = None) -> Params:
+def kfac_inverse_vp(state: KfacState, v: Params, damping: float | None = None, *,
+                    damping_factor: float = DEFAULT_DAMPING_FACTOR) -> Params:
   """(A ⊗ G + λ I)⁻¹ v block by block, through the eigenbases of A and G.
 
   On each Kronecker block with matrix M: M̃ = Q_Aᵀ M Q_G, M̃_ij ← M̃_ij / (s_A,i s_G,j + λ),
@@ -462,6 +463,7 @@ def kfac_inverse_vp(state: KfacState, v: Params, damping: float | None = None) -
     damping: λ ≥ 0 for every block; ``None`` uses, per block, 0.1 × the mean
       eigenvalue of that block's curvature (mean(s_A)·mean(s_G), or the mean of
       the diagonal), so no tuning is needed across layers of different scale.
+    damping_factor: the 0.1 of the default (used only when ``damping`` is None).
 
   Returns:
     (A ⊗ G + λ I)⁻¹ v, shaped like ``v``.
@@ -473,10 +475,11 @@ def kfac_inverse_vp(state: KfacState, v: Params, damping: float | None = None) -
     if lay.kind == "kronecker":
       eig = blk.a_eigvals[:, None] * blk.g_eigvals[None, :]
       m = blk.a_eigvecs.T @ to_block_matrix(lay, leaves) @ blk.g_eigvecs
-      m = m / (eig + _block_damping(damping, eig))
+      m = m / (eig + _block_damping(damping, eig, damping_factor))
       from_block_matrix(lay, blk.a_eigvecs @ m @ blk.g_eigvecs.T, out)
     else:
-      lam = _block_damping(damping, jnp.concatenate([d.ravel() for d in blk.diag]))
+      lam = _block_damping(damping, jnp.concatenate([d.ravel() for d in blk.diag]),
+                           damping_factor)
       for i, d in zip(lay.leaf_indices, blk.diag):
         out[i] = leaves[i] / (d + lam)
   return jax.tree.unflatten(jax.tree.structure(v), out)

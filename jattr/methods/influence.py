@@ -36,7 +36,7 @@ from jax.tree_util import Partial
 from jattr.curvature.diagonal import DiagonalState, diagonal_inverse_vp, identity_inverse_vp
 from jattr.curvature.ekfac import EkfacState, ekfac_inverse_vp
 from jattr.curvature.ggn import check_damping, dense_inverse_vp
-from jattr.curvature.kfac import KfacState, kfac_inverse_vp
+from jattr.curvature.kfac import DEFAULT_DAMPING_FACTOR, KfacState, kfac_inverse_vp
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.measurements import measurement_fn
 from jattr.diffusion.schedules import Schedule
@@ -49,7 +49,8 @@ InverseVP = Callable[[Params], Params]
 """``inverse_vp(v) -> (C + λ I)⁻¹ v`` for ONE params-shaped vector."""
 
 
-def inverse_vp_fn(curvature, damping: float | None = None) -> InverseVP:
+def inverse_vp_fn(curvature, damping: float | None = None, *,
+                  damping_factor: float = DEFAULT_DAMPING_FACTOR) -> InverseVP:
   """The (C + λ I)⁻¹ of a fitted curvature, as a function of one vector.
 
   Args:
@@ -58,6 +59,8 @@ def inverse_vp_fn(curvature, damping: float | None = None) -> InverseVP:
       (``jattr.curvature.dense_ggn`` / ``dense_hessian``, small models).
     damping: λ ≥ 0; ``None`` uses each curvature's default, 0.1 × its mean
       eigenvalue (per block for K-FAC and EK-FAC). Ignored for the identity.
+    damping_factor: the 0.1 of that default (only when ``damping`` is None): the
+      scale-free knob to tune on validation queries, if one tunes at all.
 
   Returns:
     ``inverse_vp(v) -> params-like``, a ``jax.tree_util.Partial``: a pytree whose
@@ -65,16 +68,19 @@ def inverse_vp_fn(curvature, damping: float | None = None) -> InverseVP:
     without baking the curvature in as constants.
   """
   check_damping(damping)
+  if not damping_factor > 0:
+    raise ValueError(f"damping_factor must be > 0, got {damping_factor}")
   if curvature is None:
     return Partial(identity_inverse_vp, None, damping=damping)
+  kw = dict(damping=damping, damping_factor=damping_factor)
   if isinstance(curvature, KfacState):
-    return Partial(kfac_inverse_vp, curvature, damping=damping)
+    return Partial(kfac_inverse_vp, curvature, **kw)
   if isinstance(curvature, EkfacState):
-    return Partial(ekfac_inverse_vp, curvature, damping=damping)
+    return Partial(ekfac_inverse_vp, curvature, **kw)
   if isinstance(curvature, DiagonalState):
-    return Partial(diagonal_inverse_vp, curvature, damping=damping)
+    return Partial(diagonal_inverse_vp, curvature, **kw)
   if isinstance(curvature, (jax.Array, np.ndarray)) and curvature.ndim == 2:
-    return Partial(dense_inverse_vp, jnp.asarray(curvature), damping=damping)
+    return Partial(dense_inverse_vp, jnp.asarray(curvature), **kw)
   raise TypeError(
       "curvature must be None, a KfacState, EkfacState, DiagonalState or a dense [P, P] "
       f"matrix, got {type(curvature).__name__}")
@@ -153,7 +159,8 @@ def _check_images(x, draws: Draws, name: str):
 
 def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draws, train_x0,
               query_x0, curvature=None, *, measurement: str = "loss",
-              damping: float | None = None, parameterization: Parameterization = "eps",
+              damping: float | None = None, damping_factor: float = DEFAULT_DAMPING_FACTOR,
+              parameterization: Parameterization = "eps",
               time: int | None = None, weights=None, query_draws: Draws | None = None,
               tile_size: int = 256, chunk_size: int | None = None) -> jax.Array:
   """τ[q, i] = ∇m_qᵀ (C + λ I)⁻¹ ∇ℓ_i for all queries and training examples.
@@ -175,6 +182,7 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
     curvature: see ``inverse_vp_fn`` (``None``: identity, i.e. grad-dot).
     measurement: the query measurement's name (``MEASUREMENTS``).
     damping: λ; ``None`` for the curvature's default.
+    damping_factor: the factor of that default (``inverse_vp_fn``).
     parameterization: how the network output is read.
     time, weights: extra arguments of ``loss_at_time`` / ``weighted_loss``.
     query_draws: the draws of the measurement (default ``draws``).
@@ -194,7 +202,8 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
   loss_fn = measurement_fn("loss", apply_fn, schedule, draws, parameterization=parameterization)
   query_grads = jax.jit(lambda p, x: per_example_grads(m_fn, p, x, chunk_size=chunk_size))(
       params, query_x0)
-  psi = precondition(query_grads, inverse_vp_fn(curvature, damping), chunk_size=chunk_size)
+  psi = precondition(query_grads, inverse_vp_fn(curvature, damping, damping_factor=damping_factor),
+                     chunk_size=chunk_size)
 
   @jax.jit
   def tile_scores(p, psi, xt):
