@@ -252,14 +252,18 @@ class _Timer:
 # ---------------------------------------------------------------------------------
 
 
-def _unet_from_spec(spec: LdsSpec, image_shape: tuple[int, int, int]):
+def unet_config(spec: LdsSpec, image_shape: tuple[int, int, int]) -> models.UNetConfig:
+  """The UNet that ``spec.model`` describes, for images of ``image_shape``."""
   fields = dict(spec.model)
   preset = fields.pop("preset", None)
   if preset is not None:
     config = models.config_by_name(preset)
-    config = dataclasses.replace(config, image_shape=tuple(image_shape), **fields)
-  else:
-    config = models.UNetConfig(**{"image_shape": tuple(image_shape), **fields})
+    return dataclasses.replace(config, image_shape=tuple(image_shape), **fields)
+  return models.UNetConfig(**{"image_shape": tuple(image_shape), **fields})
+
+
+def _unet_from_spec(spec: LdsSpec, image_shape: tuple[int, int, int]):
+  config = unet_config(spec, image_shape)
   return models.make_init_fn(config), models.make_apply_fn(config)
 
 

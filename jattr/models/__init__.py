@@ -2,10 +2,12 @@
 
 from jattr.models.bridge import make_apply_fn
 from jattr.models.bridge import make_init_fn
+from jattr.models.bridge import make_layered_apply_fn
 from jattr.models.bridge import make_model
 from jattr.models.bridge import merge_model
 from jattr.models.bridge import num_params
 from jattr.models.bridge import split_model
+from jattr.models.layers import route_layers
 from jattr.models.unet import UNet
 from jattr.models.unet import UNetConfig
 from jattr.models.unet import cifar_30m_config

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from flax import traverse_util
 
+from jattr.models.layers import route_layers
 from jattr.models.unet import UNet, UNetConfig
 from jattr.types import ApplyFn, Params
 
@@ -193,6 +194,33 @@ def make_model(config: UNetConfig, key: jax.Array) -> UNet:
 def make_apply_fn(config: UNetConfig) -> ApplyFn:
   """The UNet's ``apply_fn(params, x_t, t)``, built without allocating parameters."""
   return _make_apply_fn(*_abstract_unet(config))
+
+
+def make_layered_apply_fn(config: UNetConfig):
+  """The UNet's ``apply_fn(params, x_t, t, layer)``, its kernels routed through ``layer``.
+
+  Every Conv and Linear kernel of the UNet is applied by
+  ``layer(name, x, kernel, spec)`` (``jattr.models.layers.route_layers``), ``name``
+  being the layer's path in ``params`` ("/"-joined, e.g. ``"mid1/conv2"``; the kernel
+  is ``params[...]["kernel"]`` at that path). Biases and GroupNorm parameters
+  stay outside ``layer``. This is the form the structured projection needs;
+  with ``jattr.features.plain_layer`` it computes the same function as
+  ``make_apply_fn(config)`` (bit for bit with ``conv_impl="xla"``).
+
+  Example:
+    >>> layered = make_layered_apply_fn(config)
+    >>> def fn(params, x0, layer):   # a jattr.features.StructuredFn
+    ...   apply_fn = functools.partial(layered, layer=layer)
+    ...   return measurement_fn("square_norm", apply_fn, schedule, draws)(params, x0)
+  """
+  graphdef, template = _abstract_unet(config)
+  expected = _expected_shapes(template)
+
+  def apply_fn(params: Params, x_t: jax.Array, t: jax.Array, layer) -> jax.Array:
+    _check_params(params, expected)
+    return route_layers(nnx.merge(graphdef, _fill(template, params)), layer)(x_t, t)
+
+  return apply_fn
 
 
 def merge_model(config: UNetConfig, params: Params) -> UNet:
