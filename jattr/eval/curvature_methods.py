@@ -39,8 +39,8 @@ from jattr.diffusion.measurements import measurement_fn
 from jattr.grads.per_example import per_example_flat_grads
 from jattr.methods.influence import influence_scores, inverse_vp_fn
 
-DAMPING_FACTOR_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-APPROXIMATIONS = ("kfac", "ekfac", "diagonal")
+DAMPING_FACTOR_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+APPROXIMATIONS = ("kfac", "ekfac", "diagonal", "identity")
 
 
 def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand",
@@ -54,6 +54,8 @@ def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand"
                                 cache.schedule.num_timesteps)
   param = cache.train_config.parameterization
   t0 = time.perf_counter()
+  if approx == "identity":  # C = I: the exact (unprojected) gradient dot product
+    return None, draws, 0.0
   if approx == "diagonal":
     state = fit_diagonal(cache.apply_fn, cache.full_params, cache.schedule, train, draws,
                          batch_size=batch_size, parameterization=param)
@@ -121,7 +123,11 @@ def _variants() -> dict:
       out[name] = functools.partial(influence_method, approx=approx, weight_sharing=ws)
       out[f"{name}_default"] = functools.partial(influence_method, approx=approx,
                                                  weight_sharing=ws, tune=False)
+  for approx in ("kfac", "ekfac"):
+    out[f"{approx}_expand_k100"] = functools.partial(influence_method, approx=approx,
+                                                     num_draws=100, batch_size=20)
   out["diagonal_ggn"] = functools.partial(influence_method, approx="diagonal")
+  out["grad_dot_exact"] = functools.partial(influence_method, approx="identity", tune=False)
   return out
 
 

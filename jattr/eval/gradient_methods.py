@@ -80,7 +80,7 @@ def feature_fn(cache, *, measurement: str = "loss", num_draws: int = 10, draw_se
       return full_fn(traverse_util.unflatten_dict(merged), x0)
 
   def features(images):
-    images = jnp.asarray(images, jnp.float32)
+    images = jnp.asarray(images, _dtype(cache.full_params))
     return featurize(fn, params, images, config, chunk_size=min(chunk_size, images.shape[0]))
 
   return features
@@ -107,11 +107,16 @@ def structured_feature_fn(cache, *, measurement: str = "loss", num_draws: int = 
   params = cache.full_params
 
   def features(images):
-    images = jnp.asarray(images, jnp.float32)
+    images = jnp.asarray(images, _dtype(cache.full_params))
     return structured_featurize(fn, params, images, config,
                                 chunk_size=min(chunk_size, images.shape[0]))
 
   return features
+
+
+def _dtype(params):
+  """The images are cast to the parameters' dtype (float32, or float64 in tests)."""
+  return jax.tree.leaves(params)[0].dtype
 
 
 def _cached_query_features(features):
