@@ -1,6 +1,7 @@
 """Counterfactual retraining: removal sets, same-noise regeneration, L2/SSIM bookkeeping."""
 
 import importlib
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,7 @@ def test_removal_sets_top_k_and_random_control():
     cf.removal_sets(scores, 30)
 
 
-def test_counterfactual_matches_manual_retraining_and_regeneration():
+def test_counterfactual_matches_manual_retraining_and_regeneration(tmp_path):
   data = np.asarray(jax.random.uniform(jax.random.key(3), (12, 4, 4, 1), minval=-1, maxval=1))
   seed = 5
   init_key, train_key = member_keys(seed)
@@ -59,8 +60,11 @@ def test_counterfactual_matches_manual_retraining_and_regeneration():
   keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.key(9), j))(jnp.arange(2))
   originals = np.asarray(jax.vmap(lambda k: sample_fn(full.ema_params, k))(keys))
   scores = np.asarray(jax.random.normal(jax.random.key(4), (2, 12)))
+  # The random controls train in their own checkpoint (control_dir); the member
+  # checked by hand below is one of them.
   res = cf.counterfactual(tiny_apply, tiny_init, SCHED, data, CFG, scores, sample_fn, keys,
-                          originals, seed=seed, ks=(2, 4), progress=False)
+                          originals, seed=seed, ks=(2, 4), checkpoint_dir=tmp_path / "a",
+                          control_dir=tmp_path / "control", progress=False)
   assert res.l2.shape == res.ssim.shape == (2, 2, 2)
   assert res.samples.shape == (2, 2, 2, 4, 4, 1)
   top, rand = cf.removal_sets(scores, 4, seed=1)  # ks[1] uses random_seed + 1
@@ -89,3 +93,51 @@ def test_counterfactual_argument_errors():
   with pytest.raises(ValueError, match="one key per query"):
     cf.counterfactual(tiny_apply, tiny_init, SCHED, data, CFG, np.zeros((2, 6)), sample_fn,
                       keys[:1], np.zeros((2, 4, 4, 1)), seed=0)
+
+
+def test_shared_controls_are_trained_once(tmp_path, monkeypatch):
+  data = np.asarray(jax.random.uniform(jax.random.key(3), (12, 4, 4, 1), minval=-1, maxval=1))
+  keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.key(9), j))(jnp.arange(2))
+  originals = np.zeros((2, 4, 4, 1), np.float32)
+  scores = np.asarray(jax.random.normal(jax.random.key(4), (2, 12)))
+  kw = dict(seed=5, ks=(3,), progress=False)
+  args = (tiny_apply, tiny_init, SCHED, data, CFG)
+  split = cf.counterfactual(*args, scores, sample_fn, keys, originals,
+                            checkpoint_dir=tmp_path / "a", control_dir=tmp_path / "control",
+                            **kw)
+  # Another method's scores: only its attributed models train; the controls are
+  # restored from control_dir, unchanged.
+  trained = []
+  real = cf.train_many
+
+  def spy(*a, checkpoint_dir=None, **k):
+    before = checkpoint_dir is not None and (pathlib.Path(checkpoint_dir) / "6").exists()
+    trained.append((pathlib.Path(checkpoint_dir).name, before))
+    return real(*a, checkpoint_dir=checkpoint_dir, **k)
+
+  monkeypatch.setattr(cf, "train_many", spy)
+  other = cf.counterfactual(*args, -scores, sample_fn, keys, originals,
+                            checkpoint_dir=tmp_path / "b", control_dir=tmp_path / "control",
+                            **kw)
+  assert trained == [("b", False), ("control", True)]
+  np.testing.assert_array_equal(other.samples[1], split.samples[1])
+  np.testing.assert_array_equal(other.removed[1], split.removed[1])
+
+
+def test_chosen_hparams_come_from_a_validation_selected_record(tmp_path):
+  import json
+
+  from jattr.eval.cli import chosen_hparams
+
+  path = tmp_path / "r.json"
+  report = {"method": "m", "selected_on": "validation", "chosen": {"learning_rate": 0.001}}
+  path.write_text(json.dumps({"spec_digest": "abc", "reports": [report]}))
+  assert chosen_hparams(path, "m", "abc") == {"learning_rate": 0.001}
+  with pytest.raises(ValueError, match="another benchmark"):
+    chosen_hparams(path, "m", "xyz")
+  with pytest.raises(ValueError, match="no report for 'n'"):
+    chosen_hparams(path, "n", "abc")
+  path.write_text(json.dumps({"spec_digest": "abc",
+                              "reports": [{**report, "selected_on": "test"}]}))
+  with pytest.raises(ValueError, match="not on 'validation'"):
+    chosen_hparams(path, "m", "abc")

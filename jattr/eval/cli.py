@@ -42,10 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattr.eval import gradient_methods
+from jattr.eval import ensemble_method, gradient_methods
 from jattr.eval.counterfactual import counterfactual as run_removal
 from jattr.eval.lds import VALIDATION, select_and_evaluate, results_table
 from jattr.io import lds_cache
+from jattr.methods import unlearning_cli
 
 
 # ---------------------------------------------------------------------------------
@@ -94,6 +95,8 @@ METHODS: dict[str, Callable] = {
     "random": random_method,
     "pixel_cosine": pixel_cosine_method,
     **gradient_methods.VARIANTS,
+    "ensemble": ensemble_method.ensemble_method,
+    **unlearning_cli.LDS_VARIANTS,
 }
 
 
@@ -192,10 +195,30 @@ def _header(cache: lds_cache.LdsCache, summary: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def chosen_hparams(path: str | pathlib.Path, method: str, spec_digest: str) -> dict:
+  """The hyper-parameters a ``jattr lds`` record chose for ``method`` on validation.
+
+  Lets ``jattr counterfactual`` skip re-running the validation grid of a costly
+  method; the record must be of the same benchmark (spec digest).
+  """
+  record = json.loads(pathlib.Path(path).read_text())
+  if record.get("spec_digest") != spec_digest:
+    raise ValueError(f"{path} is a record of another benchmark (spec digest "
+                     f"{str(record.get('spec_digest'))[:12]}, expected {spec_digest[:12]})")
+  for r in record.get("reports", []):
+    if r["method"] == method:
+      if r.get("selected_on") != VALIDATION:
+        raise ValueError(f"{path}: {method} was selected on {r.get('selected_on')!r}, not on "
+                         f"{VALIDATION!r}")
+      return dict(r["chosen"])
+  raise ValueError(f"{path} has no report for {method!r}; it has "
+                   f"{[r['method'] for r in record.get('reports', [])]}")
+
+
 def run_counterfactual(config: dict, *, method: str | None = None, scores: str | None = None,
                        num_queries: int | None = None, ks=None, random_seed: int | None = None,
                        results_path: str | None = None, progress: bool = True,
-                       out=None) -> dict:
+                       chosen_from: str | None = None, out=None) -> dict:
   """Counterfactual retraining for the first generated queries of a config's cache.
 
   The method's hyper-parameters (if any) are chosen by validation LDS, as for the
@@ -223,23 +246,30 @@ def run_counterfactual(config: dict, *, method: str | None = None, scores: str |
     if method not in METHODS:
       raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
     score_fn, grid = METHODS[method](cache)
-  chosen = grid[0] if len(grid) == 1 else select_and_evaluate(
-      method, score_fn, grid, cache.masks, cache.splits[VALIDATION], []).chosen
+  if chosen_from is not None:
+    chosen = chosen_hparams(chosen_from, method, cache.spec.digest())
+  else:
+    chosen = grid[0] if len(grid) == 1 else select_and_evaluate(
+        method, score_fn, grid, cache.masks, cache.splits[VALIDATION], []).chosen
   tau = np.asarray(score_fn(chosen, gen.queries))[:num_queries]
   keys = jax.random.wrap_key_data(jnp.asarray(gen.queries.sample_keys[:num_queries]))
   image_shape = cache.train_images.shape[1:]
   tag = f"{method}-q{num_queries}-k{'_'.join(map(str, ks))}-r{random_seed}"
   ckpt = cache.directory / "counterfactual" / tag
+  # The random controls depend on (Q, ks, random_seed) only: trained once, shared.
+  control = (cache.directory / "counterfactual" /
+             f"random-control-q{num_queries}-k{'_'.join(map(str, ks))}-r{random_seed}")
   res = run_removal(cache.apply_fn, cache.init_fn, cache.schedule, cache.train_images,
                     cache.train_config, tau,
                     lds_cache.make_sample_fn(cache.apply_fn, cache.spec, image_shape),
                     keys, gen.queries.images[:num_queries], seed=cache.spec.full_seed, ks=ks,
                     random_seed=random_seed, strategy=config.get("strategy", "map"),
                     chunk_size=config.get("chunk_size"), checkpoint_dir=ckpt,
-                    progress=progress)
+                    control_dir=control, progress=progress)
   rows = res.summary()
   record = {"name": config.get("name"), "spec_digest": cache.spec.digest(), "method": method,
-            "chosen": chosen, "num_queries": num_queries, "random_seed": random_seed,
+            "chosen": chosen, "chosen_from": chosen_from, "num_queries": num_queries,
+            "random_seed": random_seed,
             "summary": rows}
   path = results_path or cf.get("results") or str(ckpt) + ".json"
   lds_cache.save_report(path, record)
@@ -291,6 +321,7 @@ def _lds_main(args) -> int:
 def _counterfactual_main(args) -> int:
   config = _apply_overrides(load_config(args.config), args)
   run_counterfactual(config, method=args.method, scores=args.scores,
+                     chosen_from=args.chosen_from,
                      num_queries=args.num_queries, ks=args.ks, random_seed=args.random_seed,
                      results_path=args.results, progress=not args.no_progress)
   return 0
@@ -339,6 +370,9 @@ def add_counterfactual_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--num-queries", type=int, default=None)
   p.add_argument("--ks", type=int, nargs="+", default=None)
   p.add_argument("--random-seed", type=int, default=None)
+  p.add_argument("--chosen-from", default=None, metavar="RESULTS.json",
+                 help="take the method's hyper-parameters from a `jattr lds` record (chosen "
+                      "on validation there) instead of re-running its validation grid")
   p.set_defaults(func=_counterfactual_main)
   return p
 

@@ -15,6 +15,11 @@ same key:
 
 An attribution that finds the examples the sample depends on should change it more
 than random removal: larger ΔL2 and lower SSIM than the control, query by query.
+
+The control sets depend only on (Q, N, ks, ``random_seed``), never on the scores,
+so with ``control_dir`` the control models are trained once, in their own
+resumable checkpoint, and every later method reuses them: each method then pays
+for its len(ks)·Q attributed retrainings only.
 """
 
 from __future__ import annotations
@@ -110,12 +115,17 @@ def counterfactual(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], Params],
                    originals, *, seed: int, ks: Sequence[int] = (10, 50, 100),
                    random_seed: int = 0, strategy: str = "map", chunk_size: int | None = None,
                    checkpoint_dir: str | os.PathLike | None = None,
+                   control_dir: str | os.PathLike | None = None,
                    data_range: float = 2.0, progress: bool = True) -> CounterfactualResult:
   """Retrains without each query's top-k (and k random) examples and regenerates.
 
-  All 2·len(ks)·Q retrainings run as one ``train_many`` with the same ``seed`` —
-  the seed of the model that generated ``originals`` — so they share its
-  initialisation and noise stream (module docstring).
+  All 2·len(ks)·Q retrainings use the same ``seed`` — the seed of the model that
+  generated ``originals`` — so they share its initialisation and noise stream
+  (module docstring). They run as one ``train_many``, or, with ``control_dir``,
+  as two: the attributed removals (``checkpoint_dir``) and the random controls
+  (``control_dir``, shared by every method with the same Q, N, ks, random_seed,
+  recipe and seed; a finished one is restored, not retrained). Each member trains
+  alone under the ``"map"`` strategy, so the split changes no number.
 
   Args:
     apply_fn, init_fn: the model.
@@ -133,6 +143,8 @@ def counterfactual(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], Params],
     random_seed: seed of the random control sets.
     strategy, chunk_size: ``train_many``'s member axis.
     checkpoint_dir: resumable training (``train_many``).
+    control_dir: where the random-control models are trained or found; None:
+      trained with the attributed ones in ``checkpoint_dir``.
     data_range: SSIM's L.
     progress: progress bars.
 
@@ -165,17 +177,23 @@ def counterfactual(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], Params],
     for kind, sets in enumerate((top, rand)):
       removed[kind, j, :, :k] = sets
       np.put_along_axis(masks[kind, j], sets, False, axis=1)
-  flat_masks = masks.reshape(-1, n)
-  num_models = flat_masks.shape[0]
-  res = train_many(apply_fn, init_fn, schedule, train_images, flat_masks, [seed] * num_models,
-                   config, strategy=strategy, chunk_size=chunk_size,
-                   checkpoint_dir=checkpoint_dir, meta={"counterfactual": list(ks)},
-                   progress=progress)
-  member_keys_ = jax.random.wrap_key_data(
-      jnp.tile(key_data, (2 * len(ks),) + (1,) * (key_data.ndim - 1)))
-  regen = jax.jit(lambda p, k: jax.lax.map(lambda a: sample_fn(*a), (p, k)))(
-      res.state.ema_params, member_keys_)
-  samples = np.asarray(regen).reshape((2, len(ks), q) + originals.shape[1:])
+  train = lambda m, d, meta: train_many(  # noqa: E731
+      apply_fn, init_fn, schedule, train_images, m, [seed] * m.shape[0], config,
+      strategy=strategy, chunk_size=chunk_size, checkpoint_dir=d, meta=meta,
+      progress=progress).state.ema_params
+  if control_dir is None:
+    groups = [(masks.reshape(-1, n), checkpoint_dir, {"counterfactual": list(ks)})]
+  else:
+    groups = [(masks[0].reshape(-1, n), checkpoint_dir, {"counterfactual": list(ks)}),
+              (masks[1].reshape(-1, n), control_dir,
+               {"counterfactual_control": list(ks), "random_seed": int(random_seed)})]
+  regen = jax.jit(lambda p, k: jax.lax.map(lambda a: sample_fn(*a), (p, k)))
+  samples = []
+  for m, d, meta in groups:
+    reps = m.shape[0] // q
+    keys = jax.random.wrap_key_data(jnp.tile(key_data, (reps,) + (1,) * (key_data.ndim - 1)))
+    samples.append(np.asarray(regen(train(m, d, meta), keys)))
+  samples = np.concatenate(samples).reshape((2, len(ks), q) + originals.shape[1:])
   ref = np.broadcast_to(originals, samples.shape)
   l2 = np.sqrt(np.sum((samples.astype(np.float64) - ref) ** 2, axis=(-3, -2, -1)))
   s = np.asarray(ssim(jnp.asarray(ref.reshape((-1,) + originals.shape[1:])),

@@ -164,10 +164,14 @@ class MucsResult(NamedTuple):
   Attributes:
     scores: τ, [Q, N].
     unlearn: the diagnostics of unlearning (``params`` is None).
+    losses: ℓ(θ_u^q; x_i, t_k, ε_k), [Q, N, K], with ``return_losses=True``; else
+      None. With them, the skew against any other original losses costs one pass
+      of θ* over the training set, not another unlearning.
   """
 
   scores: jax.Array
   unlearn: UnlearnResult
+  losses: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- masks
@@ -487,6 +491,7 @@ def mucs_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_ima
                 original_draws: Draws | None = None,
                 skew_constant: float = DEFAULT_SKEW_CONSTANT,
                 query_chunk_size: int | None = None, train_chunk_size: int | None = None,
+                return_losses: bool = False,
                 parameterization: Parameterization = "eps") -> MucsResult:
   """τ[q, i]: unlearn each query (``unlearn``), then the skew of every training loss.
 
@@ -503,6 +508,8 @@ def mucs_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_ima
     original_draws: draws for the original model's losses; ``None``: ``draws``.
     skew_constant: c of the skew.
     train_chunk_size: training examples per ``vmap`` chunk when scoring.
+    return_losses: also return the unlearned models' per-draw training losses
+      [Q, N, K] (``MucsResult.losses``).
 
   Returns:
     A ``MucsResult``: scores [Q, N] (τ > 0: proponent) and the diagnostics.
@@ -526,13 +533,14 @@ def mucs_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_ima
       p_u, diag = kernel(params, fisher, data, q, ln, key)
       losses_u = per_draw_losses(apply_fn, p_u, schedule, data, draws,
                                  parameterization=parameterization, chunk_size=train_chunk_size)
-      return skew_scores(losses_u, losses_o, skew_constant), diag
+      tau = skew_scores(losses_u, losses_o, skew_constant)
+      return (tau, diag, losses_u) if return_losses else (tau, diag)
 
     batch = jax.vmap(one)
     return map_chunks(lambda a: batch(*a), (queries, null), chunk_size=query_chunk_size)
 
-  scores, (l_f, l_r, steps, rejected) = run(params, fisher, train_images, queries, null, key,
-                                            o_draws)
+  out = run(params, fisher, train_images, queries, null, key, o_draws)
+  scores, (l_f, l_r, steps, rejected) = out[:2]
   return MucsResult(scores=scores, unlearn=UnlearnResult(
       params=None, forget_loss=l_f, null_loss=null, retain_loss=l_r, steps=steps,
-      rejected=rejected))
+      rejected=rejected), losses=out[2] if return_losses else None)
