@@ -146,6 +146,8 @@ def test_run_lds_prints_table_and_writes_record(built, tmp_path, monkeypatch, ca
   assert "noise ceiling" in out
   saved = json.loads(results.read_text())
   assert [r["method"] for r in saved["reports"]] == ["random", "pixel_cosine", "ones"]
+  assert set(saved["timing"]) == {"random", "pixel_cosine"}
+  assert saved["timing"]["random"]["grid_size"] == 1 and "setup_s" in saved["timing"]["random"]
   assert all(r["selected_on"] == "validation" for r in saved["reports"])
   assert set(saved["reports"][0]["results"]) == {"test", "generated"}
   # Constant scores give a constant prediction: no ranking, LDS 0.
@@ -207,3 +209,28 @@ def test_gradient_methods_match_exact_gradients(built, x64):
   assert [h["relative_damping"] for h in trak_grid] == list(gm.RELATIVE_DAMPING_GRID)
   for h in trak_grid:
     assert np.all(np.isfinite(trak_fn(h, queries)))
+
+
+def test_influence_methods_match_the_library_call(built):
+  """The harness's cached-gradient influence equals ``methods.influence.influence``."""
+  from jattr.eval import curvature_methods as cm
+  from jattr.methods.influence import influence
+
+  _, cache = built
+  queries = cache.splits["validation"].queries
+  train = jnp.asarray(cache.train_images)
+  score_fn, grid = cm.influence_method(cache, approx="diagonal", num_draws=3, batch_size=8,
+                                       grid=(0.01, 1.0))
+  assert grid == [{"damping_factor": 0.01}, {"damping_factor": 1.0}]
+  state, draws, seconds = cm._fit_once(cache, approx="diagonal", weight_sharing="expand",
+                                       num_draws=3, draw_seed=1, batch_size=8)
+  assert seconds > 0
+  for h in grid:
+    want = influence(cache.apply_fn, cache.full_params, cache.schedule, draws, train,
+                     jnp.asarray(queries.images), state, damping_factor=h["damping_factor"])
+    np.testing.assert_allclose(score_fn(h, queries), want, rtol=2e-4, atol=1e-6)
+  dot_fn, dot_grid = cm.influence_method(cache, approx="identity", num_draws=3, tune=False)
+  assert dot_grid == [{}]
+  want = influence(cache.apply_fn, cache.full_params, cache.schedule, draws, train,
+                   jnp.asarray(queries.images), None)
+  np.testing.assert_allclose(dot_fn({}, queries), want, rtol=2e-4, atol=1e-6)

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattr.eval import curvature_methods
 from jattr.eval import ensemble_method, gradient_methods
 from jattr.eval.counterfactual import counterfactual as run_removal
 from jattr.eval.lds import VALIDATION, select_and_evaluate, results_table
@@ -95,6 +96,7 @@ METHODS: dict[str, Callable] = {
     "random": random_method,
     "pixel_cosine": pixel_cosine_method,
     **gradient_methods.VARIANTS,
+    **curvature_methods.VARIANTS,
     "ensemble": ensemble_method.ensemble_method,
     **unlearning_cli.LDS_VARIANTS,
 }
@@ -155,11 +157,18 @@ def run_lds(config: dict, *, methods=None, scores: dict | None = None,
   cache = build_cache(config, progress=progress)
   boot = config.get("bootstrap", {})
   reported = [cache.splits[s] for s in ("test", "generated") if cache.splits[s].y.shape[0]]
-  reports = []
+  reports, timing = [], {}
   for name in names:
+    t1 = time.perf_counter()
     score_fn, grid = METHODS[name](cache)
+    t2 = time.perf_counter()
     reports.append(select_and_evaluate(name, score_fn, grid, cache.masks,
                                        cache.splits[VALIDATION], reported, **boot))
+    # setup: the method's once-per-model work (featurising or fitting the training
+    # set, compile included); scoring: every grid point on validation, then the
+    # chosen one on each reported split.
+    timing[name] = {"setup_s": t2 - t1, "scoring_s": time.perf_counter() - t2,
+                    "grid_size": len(grid)}
   for name, path in scores.items():
     score_fn, grid = scores_file_method(path)
     reports.append(select_and_evaluate(name, score_fn, grid, cache.masks,
@@ -168,13 +177,16 @@ def run_lds(config: dict, *, methods=None, scores: dict | None = None,
   summary = lds_cache.cache_summary(cache)
   record = {"name": config.get("name"), "spec": cache.spec.to_dict(),
             "spec_digest": cache.spec.digest(), "cache": summary,
-            "reports": [r.to_dict() for r in reports], "table": table,
+            "reports": [r.to_dict() for r in reports], "table": table, "timing": timing,
             "wall_s": time.perf_counter() - t0}
   path = results_path or config.get("results")
   if path:
     lds_cache.save_report(path, record)
   print(_header(cache, summary), file=out)
   print(table, file=out)
+  for name, tm in timing.items():
+    print(f"  {name}: setup {tm['setup_s']:.1f} s, scoring {tm['scoring_s']:.1f} s "
+          f"({tm['grid_size']} grid points on validation + the reported splits)", file=out)
   if path:
     print(f"\nresults written to {path}", file=out)
   return record
