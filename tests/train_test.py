@@ -10,24 +10,11 @@ from jattr.io import checkpoint
 from jattr.train import loop as loop_lib
 from jattr.train import (TrainConfig, draw_batch, make_subsets, member_keys, train,
                          train_many)
+from toy_models import tiny_apply, tiny_init
 
 SCHED = diffusion.linear(50)
 CFG = TrainConfig(num_steps=6, batch_size=4, learning_rate=1e-2, warmup_steps=2,
                   segment_steps=3)
-
-
-def tiny_init(key, c=1, hidden=4):
-  k1, k2, k3 = jax.random.split(key, 3)
-  return {"conv1": jax.random.normal(k1, (3, 3, c, hidden)) * 0.3,
-          "temb": jax.random.normal(k2, (hidden,)) * 0.1,
-          "conv2": jax.random.normal(k3, (3, 3, hidden, c)) * 0.3}
-
-
-def tiny_apply(params, x, t):
-  conv = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
-      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  h = conv(x, params["conv1"]) + (t[:, None, None, None] / 50.0) * params["temb"]
-  return conv(jnp.tanh(h), params["conv2"])
 
 
 def make_data(n=12):
