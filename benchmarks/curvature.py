@@ -24,12 +24,19 @@ Memory: peak RSS (VmHWM from /proc/self/status) of a K-FAC fit of
 ``cifar_30m_config()`` (~30M parameters) at 32×32 on CPU, K = ``--mem-draws``,
 ``--mem-batch`` examples per update, random images, one fresh process per
 (method, N). Each K-FAC update folds one batch into running sums, so the peak must
-not grow with N; the time grows linearly, and the slope between the smallest and
-the largest N is the per-example cost without the fixed (compile) part.
+not grow with N. An EK-FAC process runs K-FAC (``--ekfac-basis``) first, and
+VmHWM is read after init, after that K-FAC stage and at the end, so one EK-FAC
+process also gives the K-FAC row. The time of a fit is a fixed part (compilation,
+kfac-jax's graph matching, and at this size mostly the eigendecompositions of the
+Kronecker factors, e.g. 5761 × 5761 for a 3×3 conv over 640 channels) plus a part
+linear in N; a least-squares line over the N values separates them.
+``--mem-warmup`` first fits one batch in the same process (its programs then come
+from a process-local persistent compilation cache), which removes compilation
+from the timed fit but not the eigendecompositions, so it doubles the fixed cost.
 
     python benchmarks/curvature.py --skip-memory   # digits only: ~4 min on 2 idle cores
-    python benchmarks/curvature.py                 # + cifar_30m N = 2, 8, 32: ~20 min idle,
-                                                   #   (much) more when the cores are shared
+    python benchmarks/curvature.py                 # + cifar_30m EK-FAC (and its K-FAC reduce
+                                                   #   stage) at N = 4, 32: ~25 min at load 5
     python benchmarks/curvature.py --full          # the full protocol: all 1797 digits,
                                                    # cifar_30m N = 64, 128, 256 (hours on CPU)
 
@@ -96,12 +103,26 @@ def _uptime() -> str:
 
 def worker(spec: dict) -> dict:
   """Runs one (model, method, N, K) configuration; returns timings and peak RSS."""
+  import shutil
+  import tempfile
+  import threading
+
   import jax
 
-  from jattr.curvature import fit_ekfac, fit_kfac
+  if spec.get("sync_dispatch"):
+    # Each jitted call returns only when its computation is done, so a Python loop
+    # of calls cannot queue computations ahead of the one running.
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+  cache_dir = None
+  if spec.get("warmup"):
+    # The fits jit closures created per call; a persistent cache local to this
+    # process lets the timed call reuse what the warm-up compiled.
+    cache_dir = tempfile.mkdtemp(prefix="jattr_curvature_bench_")
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
   from jattr.diffusion import fixed_draws, schedules
-  from jattr.diffusion.measurements import measurement_fn
-  from jattr.features import ProjectionConfig, featurize
   from jattr.models import config_by_name, make_apply_fn, make_init_fn, num_params
 
   cfg = config_by_name(spec["model"])
@@ -122,13 +143,51 @@ def worker(spec: dict) -> dict:
   schedule = schedules.linear(T)
   jax.block_until_ready((params, x))
   out = {**spec, "num_params": num_params(params), "vmhwm_init_kb": _status_kb("VmHWM")}
+  # VmHWM every second, to see whether the peak still rises during a fit.
+  samples, stop, t_start = [], threading.Event(), time.perf_counter()
+
+  def sample():
+    while not stop.wait(1.0):
+      samples.append((time.perf_counter() - t_start, _status_kb("VmHWM")))
+
+  threading.Thread(target=sample, daemon=True).start()
+  stages = out["stages"] = []
 
   def timed(fn):
     t0, c0 = time.perf_counter(), time.process_time()
     res = jax.block_until_ready(fn())
+    stages.append((t0 - t_start, time.perf_counter() - t_start))
     return res, time.perf_counter() - t0, time.process_time() - c0
 
-  method = spec["method"]
+  if spec.get("warmup"):
+    # One batch (one K-FAC update; for EK-FAC also its passes; for TRAK one chunk).
+    w = min(spec["trak_chunk"] if spec["method"] == "trak" else spec["batch"], n)
+    warm = _fit(spec, x[:w], params, apply_fn, xla_apply, schedule, draws, timed)
+    out["warmup_n"] = w
+    out["warmup_s"], out["warmup_cpu_s"] = warm["seconds"], warm["cpu_s"]
+    out["vmhwm_warmup_kb"] = _status_kb("VmHWM")
+  out.update(_fit(spec, x, params, apply_fn, xla_apply, schedule, draws, timed))
+  out["vmhwm_kb"] = _status_kb("VmHWM")
+  stop.set()
+  # The timed stages' [start, end] (seconds since init) and VmHWM at 25/50/75/100 %
+  # of each stage's time.
+  out["vmhwm_stage_quartiles_kb"] = [
+      [max([h for t, h in samples if t <= a + q * (b - a)] or [out["vmhwm_init_kb"]])
+       for q in (0.25, 0.5, 0.75, 1.0)] for a, b in stages]
+  if cache_dir:
+    shutil.rmtree(cache_dir, ignore_errors=True)
+  return out
+
+
+def _fit(spec, x, params, apply_fn, xla_apply, schedule, draws, timed) -> dict:
+  """One fit (or TRAK featurization) of x; returns its timings."""
+  import jax
+
+  from jattr.curvature import fit_ekfac, fit_kfac
+  from jattr.diffusion.measurements import measurement_fn
+  from jattr.features import ProjectionConfig, featurize
+
+  n, out, method = x.shape[0], {}, spec["method"]
   if method == "kfac_expand_explicit":
     # What-if: kfac-jax's conv block computes the patch second moments with
     # convolution tricks (psm.patches_moments) that XLA:CPU runs ~20x slower than
@@ -146,6 +205,7 @@ def worker(spec: dict) -> dict:
     out["blocks"] = {"kronecker": kinds.count("kronecker"), "diagonal": kinds.count("diagonal")}
     out["seconds"], out["cpu_s"] = out["kfac_s"], out["kfac_cpu_s"]
     if method == "ekfac":
+      out["vmhwm_kfac_kb"] = _status_kb("VmHWM")
       _, out["ekfac_s"], out["ekfac_cpu_s"] = timed(lambda: fit_ekfac(
           apply_fn, params, schedule, x, draws, state, batch_size=spec["grad_batch"]))
       out["seconds"] += out["ekfac_s"]
@@ -158,7 +218,6 @@ def worker(spec: dict) -> dict:
     assert phi.shape == (n, spec["dim"]) and bool(jax.numpy.all(jax.numpy.isfinite(phi)))
   else:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-  out["vmhwm_kb"] = _status_kb("VmHWM")
   return out
 
 
@@ -175,8 +234,10 @@ def run_config(spec: dict, timeout: float) -> dict:
     return {**spec, "error": res.stderr[-2000:]}
   row = json.loads(res.stdout.strip().splitlines()[-1])
   row["process_wall_s"] = time.perf_counter() - t0
+  parts = "".join(f", {k} {row[k]:.1f} s" for k in ("warmup_s", "kfac_s", "ekfac_s") if k in row)
   log(f"{spec['model']} {spec['method']} N={spec['n']} K={spec['draws']}: "
-      f"{row['seconds']:.1f} s (CPU {row['cpu_s']:.1f} s), VmHWM {row['vmhwm_kb'] / 1024:.0f} MiB")
+      f"{row['seconds']:.1f} s (CPU {row['cpu_s']:.1f} s{parts}), "
+      f"VmHWM {row['vmhwm_kb'] / 1024:.0f} MiB")
   return row
 
 
@@ -230,42 +291,80 @@ def report(res: dict) -> str:
                      f"{r['kfac_s']:.1f} | {r['kfac_cpu_s']:.1f} | | | |")
         lines.append(f"| … of which the eigenvalue pass | | | {r['ekfac_s']:.1f} | "
                      f"{r['ekfac_cpu_s']:.1f} | | | |")
-    for method, slope in res.get("digits_slopes", {}).items():
-      lines.append(f"\n{method}: {slope['ms_per_example']:.0f} ms per example beyond the fixed "
-                   f"cost (wall, N {slope['n'][0]} → {slope['n'][1]})")
+    lines += _slope_lines(_slopes(d))
   m = res.get("memory")
   if m:
     s = res["memory_setup"]
     ok = _ok(m)
     params = f"{ok[0]['num_params']:,}" if ok else "?"
+    warm = any("warmup_s" in r for r in ok)
+    sync = ", synchronous dispatch" if s.get("sync_dispatch") else ""
     lines += ["", f"Peak memory, {s['model']} ({params} params) at 32×32 on CPU, random images, "
-              f"K = {s['draws']}, batch {s['batch']} (EK-FAC pass: {s['grad_batch']}), one fresh "
-              "process per row:", "",
-              "| method | N | wall s | CPU s | VmHWM after init (MiB) | VmHWM (MiB) |",
-              "|---|---|---|---|---|---|"]
+              f"K = {s['draws']}, batch {s['batch']} (EK-FAC pass: {s['grad_batch']}){sync}, one fresh "
+              "process per row" + (
+                  "; each first fits one batch (the warm-up: compilation, kfac-jax's graph "
+                  "matching, one update), then the timed fit of all N reuses the compiled "
+                  "programs:" if warm else ", compilation included:"), ""]
+    if warm:
+      lines += ["| method | N | warm-up wall s (1 batch) | warm-up CPU s | fit wall s | fit CPU s "
+                "| VmHWM after init (MiB) | after warm-up (MiB) | at end (MiB) |",
+                "|---|---|---|---|---|---|---|---|---|"]
+    else:
+      lines += ["| method | N | wall s | CPU s | VmHWM after init (MiB) | VmHWM at 25 / 50 / 75 % "
+                "of the stage (MiB) | VmHWM at end (MiB) |",
+                "|---|---|---|---|---|---|---|"]
     for r in m:
       if "error" in r:
         lines.append(f"| {_name(r, s)} | {r['n']} | failed: "
-                     f"{r['error'].strip().splitlines()[-1][:80]} | | | |")
+                     f"{r['error'].strip().splitlines()[-1][:80]} |" + " |" * (6 if warm else 4))
         continue
-      lines.append(f"| {_name(r, s)} | {r['n']} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | "
-                   f"{r['vmhwm_init_kb'] / 1024:.0f} | {r['vmhwm_kb'] / 1024:.0f} |")
-    for method, slope in res.get("memory_slopes", {}).items():
-      lines.append(f"\n{method}: {slope['ms_per_example']:.0f} ms per example beyond the fixed "
-                   f"cost (wall, N {slope['n'][0]} → {slope['n'][1]}); peak RSS change "
-                   f"{slope['vmhwm_change_mib']:+.0f} MiB")
+      if warm:
+        lines.append(f"| {_name(r, s)} | {r['n']} | {r['warmup_s']:.1f} | {r['warmup_cpu_s']:.1f} "
+                     f"| {r['seconds']:.1f} | {r['cpu_s']:.1f} | {r['vmhwm_init_kb'] / 1024:.0f} | "
+                     f"{r['vmhwm_warmup_kb'] / 1024:.0f} | {r['vmhwm_kb'] / 1024:.0f} |")
+      else:
+        quart = r.get("vmhwm_stage_quartiles_kb", [])
+        q = (lambda i: " / ".join(f"{v / 1024:.0f}" for v in quart[i][:3])  # i < 0
+             if len(quart) >= -i else "")
+        if "vmhwm_kfac_kb" in r:
+          lines.append(f"| … its K-FAC {s.get('ekfac_basis', 'expand')} stage (batch {s['batch']}) | "
+                       f"{r['n']} | {r['kfac_s']:.1f} | {r['kfac_cpu_s']:.1f} | "
+                       f"{r['vmhwm_init_kb'] / 1024:.0f} | {q(-2)} | {r['vmhwm_kfac_kb'] / 1024:.0f} |")
+        lines.append(f"| {_name(r, s)} | {r['n']} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | "
+                     f"{r['vmhwm_init_kb'] / 1024:.0f} | {q(-1)} | {r['vmhwm_kb'] / 1024:.0f} |")
+    lines += _slope_lines(_slopes(m))
   return "\n".join(lines)
 
 
+def _slope_lines(slopes: dict) -> list[str]:
+  lines = [""] if slopes else []
+  for method, sl in slopes.items():
+    lines.append(
+        f"- {method}, least squares over N = {', '.join(map(str, sl['ns']))}: "
+        f"{sl['ms_per_example']:.0f} ms wall ({sl['cpu_ms_per_example']:.0f} ms CPU) per example "
+        f"+ {sl['intercept_s']:.1f} s fixed; peak RSS {sl['vmhwm_mib_per_example']:+.2f} MiB per "
+        f"example (N {sl['ns'][0]} → {sl['ns'][-1]}: {sl['vmhwm_change_mib']:+.0f} MiB)")
+  return lines
+
+
 def _slopes(rows: list[dict]) -> dict:
+  """Per method: least-squares lines of the timed seconds and of VmHWM against N."""
   out = {}
+  stages = [{**r, "method": f"{r['method']}: its K-FAC stage", "seconds": r["kfac_s"],
+             "cpu_s": r["kfac_cpu_s"], "vmhwm_kb": r["vmhwm_kfac_kb"]}
+            for r in _ok(rows) if "vmhwm_kfac_kb" in r]
+  rows = list(rows) + stages
   for method in dict.fromkeys(r["method"] for r in _ok(rows)):
     rs = sorted((r for r in _ok(rows) if r["method"] == method), key=lambda r: r["n"])
     if len(rs) >= 2 and rs[-1]["n"] > rs[0]["n"]:
-      lo, hi = rs[0], rs[-1]
-      out[method] = {"n": [lo["n"], hi["n"]],
-                     "ms_per_example": 1e3 * (hi["seconds"] - lo["seconds"]) / (hi["n"] - lo["n"]),
-                     "vmhwm_change_mib": (hi["vmhwm_kb"] - lo["vmhwm_kb"]) / 1024}
+      ns = np.array([r["n"] for r in rs], float)
+      wall, intercept = np.polyfit(ns, [r["seconds"] for r in rs], 1)
+      cpu, _ = np.polyfit(ns, [r["cpu_s"] for r in rs], 1)
+      mem, _ = np.polyfit(ns, [r["vmhwm_kb"] / 1024 for r in rs], 1)
+      out[method] = {"ns": [r["n"] for r in rs], "ms_per_example": 1e3 * wall,
+                     "cpu_ms_per_example": 1e3 * cpu, "intercept_s": intercept,
+                     "vmhwm_mib_per_example": mem,
+                     "vmhwm_change_mib": (rs[-1]["vmhwm_kb"] - rs[0]["vmhwm_kb"]) / 1024}
   return out
 
 
@@ -284,14 +383,23 @@ def main(argv=None) -> int:
                       "expand, the fit-curvature default)")
   p.add_argument("--dim", type=int, default=4096, help="TRAK projection dimension k")
   p.add_argument("--trak-chunk", type=int, default=32, help="TRAK featurize chunk")
-  p.add_argument("--mem-n", type=_ints, default=[2, 8, 32], help="N of the cifar_30m runs")
+  p.add_argument("--mem-n", type=_ints, default=[4, 32], help="N of the cifar_30m runs")
   p.add_argument("--mem-model", default="cifar_30m")
-  p.add_argument("--mem-methods", type=_strs, default=["kfac_reduce", "ekfac"],
-                 help="kfac_expand is left out by default: kfac-jax's conv moments make it "
-                      "very slow on CPU at 32x32 (see the digits table)")
+  p.add_argument("--mem-methods", type=_strs, default=["ekfac"],
+                 help="ekfac also reports its K-FAC stage; kfac_expand is left out by default: "
+                      "kfac-jax's conv moments make it very slow on CPU at 32x32 (see the "
+                      "digits table)")
   p.add_argument("--mem-draws", type=int, default=1)
   p.add_argument("--mem-batch", type=int, default=2)
   p.add_argument("--mem-grad-batch", type=int, default=1)
+  p.add_argument("--mem-sync-dispatch", action="store_true",
+                 help="jax_cpu_enable_async_dispatch=False in the memory runs (a diagnostic: "
+                      "does the peak grow because the fits' Python loops queue computations?)")
+  p.add_argument("--mem-warmup", action="store_true",
+                 help="fit one batch before the timed fit in each memory process (see above)")
+  p.add_argument("--digits-warmup", action="store_true",
+                 help="warm up the digits runs too (default: compilation included, what a "
+                      "user waits for)")
   p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
   p.add_argument("--skip-digits", action="store_true")
   p.add_argument("--skip-memory", action="store_true")
@@ -325,7 +433,8 @@ def main(argv=None) -> int:
   if not args.skip_digits:
     setup = {"model": "digits", "draws": args.digits_draws,
              "batch": args.batch, "grad_batch": args.grad_batch, "dim": args.dim,
-             "trak_chunk": args.trak_chunk, "ekfac_basis": args.ekfac_basis}
+             "trak_chunk": args.trak_chunk, "ekfac_basis": args.ekfac_basis,
+             "warmup": args.digits_warmup}
     res["digits_setup"] = setup
     res["digits"] = [run_config({**setup, "method": m, "n": n}, args.timeout)
                      for m in args.digits_methods for n in args.digits_n]
@@ -333,7 +442,8 @@ def main(argv=None) -> int:
   if not args.skip_memory:
     setup = {"model": args.mem_model, "draws": args.mem_draws, "batch": args.mem_batch,
              "grad_batch": args.mem_grad_batch, "dim": args.dim, "trak_chunk": args.mem_batch,
-             "ekfac_basis": args.ekfac_basis}
+             "ekfac_basis": args.ekfac_basis, "warmup": args.mem_warmup,
+             "sync_dispatch": args.mem_sync_dispatch}
     res["memory_setup"] = setup
     res["memory"] = [run_config({**setup, "method": m, "n": n}, args.timeout)
                      for m in args.mem_methods for n in args.mem_n]

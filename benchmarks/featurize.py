@@ -15,15 +15,18 @@ f = square_norm over K fixed draws, Rademacher projection to k):
 
 Then where (a)'s time goes at the best chunk size: per-example gradients alone,
 the projection alone (``jattr.features.project``: regenerate P + matmul), the
-matmul alone (the same block loop with one fixed block), and so the time to
-regenerate P; plus a what-if: generating the signs from packed random bits
-(32 signs per threefry word) instead of one word per sign.
+matmul alone (the same block loop with one fixed block), and generating P alone
+(every block from ``block_matrix``, summed so that none is optimised away; for
+"rademacher" 32 signs per threefry word), which should be close to the
+difference of the two before.
 
 Memory: peak RSS (VmHWM from /proc/self/status) of ``store_featurize`` into a
 fresh store, one subprocess per N, with ``cifar_30m_config()`` at 32x32 on CPU.
 
-    python benchmarks/featurize.py            # ~8 min of CPU (19 min wall on 2 cores at load 10)
-    python benchmarks/featurize.py --quick    # ~3 min of CPU, scaled down
+    python benchmarks/featurize.py --skip-memory   # throughput: 6 min wall on 2 cores at load 5.5
+    python benchmarks/featurize.py --skip-throughput --mem-n 8,16,64 --mem-dim 4096 \
+        --out benchmarks/results/featurize_memory.json  # memory at k = 4096: 29 min at load 6
+    python benchmarks/featurize.py --quick    # scaled down
 
 Prints markdown tables and writes benchmarks/results/featurize.json.
 """
@@ -182,17 +185,12 @@ def throughput(args) -> dict:
   log(f"matmul alone: {parts['matmul']['seconds']:.2f} s -> P regeneration ~ "
       f"{parts['regenerate_p']['seconds']:.2f} s")
 
-  def packed_signs(key):
-    def body(b, acc):
-      w = jax.random.bits(jax.random.fold_in(key, b), (bs, proj.dim // 32), jnp.uint32)
-      bits = (w[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-      return acc + bits.reshape(bs, proj.dim).astype(jnp.float32) * 2 - 1
-    return jax.lax.fori_loop(0, num_full + 1, body, jnp.zeros((bs, proj.dim), jnp.float32))
+  def generate_only(acc):
+    # Every block of P as `project` regenerates it, without the matmul.
+    return jax.lax.fori_loop(0, num_full + 1, lambda b, a: a + block_matrix(proj, b), acc)
 
-  if proj.dim % 32 == 0:
-    parts["packed_sign_what_if"] = timed(packed_signs, jax.random.key(0), repeats=2)
-    log(f"what-if: all of P's signs from packed bits: "
-        f"{parts['packed_sign_what_if']['seconds']:.2f} s")
+  parts["generate_p"] = timed(generate_only, jnp.zeros((bs, proj.dim), jnp.float32), repeats=2)
+  log(f"generating all of P alone: {parts['generate_p']['seconds']:.2f} s")
   out["projection_parts"] = parts
   out["flops"] = {"projection_per_example": 2.0 * num_params * args.dim}
   return out
@@ -203,8 +201,22 @@ def throughput(args) -> dict:
 # ---------------------------------------------------------------------------------
 
 
+def _sample_memory(samples: list, stop, period_s: float = 1.0) -> None:
+  """Appends (seconds since start, VmRSS kB, VmHWM kB) every period_s until stop is set."""
+  t0 = time.perf_counter()
+  while not stop.wait(period_s):
+    samples.append((time.perf_counter() - t0, _status_kb("VmRSS"), _status_kb("VmHWM")))
+
+
 def memory_worker(args) -> None:
-  """One N in a fresh process: prints a JSON line with the peak RSS."""
+  """One N in a fresh process: prints a JSON line with the peak RSS.
+
+  Besides the final VmHWM, a thread samples VmHWM every second during the run, so
+  one process also shows whether the peak still rises after the first chunks: the
+  report gives VmHWM at 25/50/75/100% of the run's time.
+  """
+  import threading
+
   from jattr.features.store_featurize import store_featurize
   from jattr.io.feature_store import FeatureStore
 
@@ -217,13 +229,21 @@ def memory_worker(args) -> None:
   hwm_init = _status_kb("VmHWM")
   with tempfile.TemporaryDirectory() as d:
     store = FeatureStore.open(pathlib.Path(d) / "s", {"n": n}, n, proj.dim, args.mem_chunk)
+    samples, stop = [], threading.Event()
+    sampler = threading.Thread(target=_sample_memory, args=(samples, stop), daemon=True)
     t0 = time.perf_counter()
+    sampler.start()
     store_featurize(fn, params, x, proj, store, chunk_size=args.mem_chunk, progress=False)
     seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
     assert store.complete and np.all(np.isfinite(store.read()))
   print(json.dumps({"n": n, "chunks": store.num_chunks, "num_params": num_params,
                     "vmhwm_after_init_kb": hwm_init, "vmhwm_kb": _status_kb("VmHWM"),
-                    "vmrss_end_kb": _status_kb("VmRSS"), "seconds": seconds}))
+                    "vmrss_end_kb": _status_kb("VmRSS"), "seconds": seconds,
+                    "vmhwm_quartiles_kb": [
+                        max([s[2] for s in samples if s[0] <= q * seconds] or [hwm_init])
+                        for q in (0.25, 0.5, 0.75, 1.0)]}))
 
 
 def memory(args) -> list[dict]:
@@ -283,6 +303,7 @@ def report(res: dict) -> str:
     for key, label in (("project", "project (regenerate P + matmul)"),
                        ("matmul", "matmul only (one fixed block reused)"),
                        ("regenerate_p", "regenerate P (difference)"),
+                       ("generate_p", "generate P alone (all blocks, no matmul)"),
                        ("packed_sign_what_if", "what-if: P's signs from packed bits")):
       if key in parts:
         r = parts[key]
@@ -294,10 +315,12 @@ def report(res: dict) -> str:
     lines += ["", f"Peak memory: store_featurize, {m['model']} ({mem[0]['num_params']:,} params) "
               f"at 32x32, chunk {m['chunk']}, K = {m['draws']}, k = {m['dim']}, one fresh "
               f"process per N.", "",
-              "| N | chunks | VmHWM after init (MiB) | VmHWM (MiB) | seconds |",
-              "|---|---|---|---|---|"]
+              "| N | chunks | VmHWM after init (MiB) | VmHWM at 25 / 50 / 75 % of the run (MiB) "
+              "| VmHWM at end (MiB) | seconds |",
+              "|---|---|---|---|---|---|"]
     for r in mem:
-      lines.append(f"| {r['n']} | {r['chunks']} | {r['vmhwm_after_init_kb'] / 1024:.0f} | "
+      q = " / ".join(f"{v / 1024:.0f}" for v in r.get("vmhwm_quartiles_kb", [])[:3])
+      lines.append(f"| {r['n']} | {r['chunks']} | {r['vmhwm_after_init_kb'] / 1024:.0f} | {q} | "
                    f"{r['vmhwm_kb'] / 1024:.0f} | {r['seconds']:.0f} |")
   return "\n".join(lines)
 
