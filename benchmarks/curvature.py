@@ -7,9 +7,9 @@ K = ``--digits-draws`` fixed draws):
   - ``kfac_expand``, ``kfac_reduce``: ``jattr.curvature.fit_kfac`` on the UNet with
     ``conv_impl="xla"`` (kfac-jax recognises only native convolutions), the default
     ``"ggn_curvature_prop"`` estimator, ``--batch`` examples (× K draws) per update;
-  - ``ekfac``: K-FAC (expand) and then ``fit_ekfac``'s per-example pass (the run's
-    default convs: im2col on CPU, as ``jattr fit-curvature`` does), ``--grad-batch``
-    examples per pass; both parts are timed;
+  - ``ekfac``: K-FAC (``--ekfac-basis``, default reduce), then ``fit_ekfac``'s
+    per-example pass (the run's default convs: im2col on CPU, as ``jattr
+    fit-curvature`` does), ``--grad-batch`` examples per pass; both parts are timed;
   - ``trak``: for comparison, ``jattr.features.featurize`` of the same examples
     with f = ``measurement_fn("loss", ...)`` over the same K draws and a Rademacher
     projection to k = ``--dim``, ``--trak-chunk`` examples at a time: what one
@@ -18,7 +18,7 @@ K = ``--digits-draws`` fixed draws):
 Every figure is the wall time of ONE call in a fresh process, compilation and
 kfac-jax's graph matching included (they are part of what a user waits for), with
 the process's CPU time beside it (on a shared machine wall time also counts other
-jobs' use of the cores, CPU time does not).
+jobs' use of the cores; CPU time does not, but it too rose 2-6x at load 5 here).
 
 Memory: peak RSS (VmHWM from /proc/self/status) of a K-FAC fit of
 ``cifar_30m_config()`` (~30M parameters) at 32×32 on CPU, K = ``--mem-draws``,
@@ -27,16 +27,20 @@ Memory: peak RSS (VmHWM from /proc/self/status) of a K-FAC fit of
 not grow with N. An EK-FAC process runs K-FAC (``--ekfac-basis``) first, and
 VmHWM is read after init, after that K-FAC stage and at the end, so one EK-FAC
 process also gives the K-FAC row. The time of a fit is a fixed part (compilation,
-kfac-jax's graph matching, and at this size mostly the eigendecompositions of the
+kfac-jax's graph matching, and at this size the eigendecompositions of the
 Kronecker factors, e.g. 5761 × 5761 for a 3×3 conv over 640 channels) plus a part
 linear in N; a least-squares line over the N values separates them.
 ``--mem-warmup`` first fits one batch in the same process (its programs then come
 from a process-local persistent compilation cache), which removes compilation
 from the timed fit but not the eigendecompositions, so it doubles the fixed cost.
+``--mem-sync-dispatch`` sets ``jax_cpu_enable_async_dispatch=False``: with async
+dispatch the fit's Python loop queues updates ahead of the running one and the
+peak grows with the number of updates until the queue is full (docs/benchmarks.md).
 
-    python benchmarks/curvature.py --skip-memory   # digits only: ~4 min on 2 idle cores
+    python benchmarks/curvature.py --skip-memory   # digits N = 32, 128: ~7 min near idle
     python benchmarks/curvature.py                 # + cifar_30m EK-FAC (and its K-FAC reduce
-                                                   #   stage) at N = 4, 32: ~25 min at load 5
+                                                   #   stage) at N = 4, 16, 32, 64: ~9 min more
+                                                   #   near idle, 4-10x that at load 5
     python benchmarks/curvature.py --full          # the full protocol: all 1797 digits,
                                                    # cifar_30m N = 64, 128, 256 (hours on CPU)
 
@@ -300,8 +304,8 @@ def report(res: dict) -> str:
     warm = any("warmup_s" in r for r in ok)
     sync = ", synchronous dispatch" if s.get("sync_dispatch") else ""
     lines += ["", f"Peak memory, {s['model']} ({params} params) at 32×32 on CPU, random images, "
-              f"K = {s['draws']}, batch {s['batch']} (EK-FAC pass: {s['grad_batch']}){sync}, one fresh "
-              "process per row" + (
+              f"K = {s['draws']}, batch {s['batch']} (EK-FAC pass: {s['grad_batch']}){sync}, "
+              "one fresh process per row" + (
                   "; each first fits one batch (the warm-up: compilation, kfac-jax's graph "
                   "matching, one update), then the timed fit of all N reuses the compiled "
                   "programs:" if warm else ", compilation included:"), ""]
@@ -323,15 +327,18 @@ def report(res: dict) -> str:
                      f"| {r['seconds']:.1f} | {r['cpu_s']:.1f} | {r['vmhwm_init_kb'] / 1024:.0f} | "
                      f"{r['vmhwm_warmup_kb'] / 1024:.0f} | {r['vmhwm_kb'] / 1024:.0f} |")
       else:
-        quart = r.get("vmhwm_stage_quartiles_kb", [])
-        q = (lambda i: " / ".join(f"{v / 1024:.0f}" for v in quart[i][:3])  # i < 0
-             if len(quart) >= -i else "")
+        # Timed stages in order: [K-FAC, eigenvalue pass] for EK-FAC, [fit] otherwise.
+        quart = [" / ".join(f"{v / 1024:.0f}" for v in stage[:3])
+                 for stage in r.get("vmhwm_stage_quartiles_kb", [])]
+        quart = ["", ""] + quart
         if "vmhwm_kfac_kb" in r:
-          lines.append(f"| … its K-FAC {s.get('ekfac_basis', 'expand')} stage (batch {s['batch']}) | "
-                       f"{r['n']} | {r['kfac_s']:.1f} | {r['kfac_cpu_s']:.1f} | "
-                       f"{r['vmhwm_init_kb'] / 1024:.0f} | {q(-2)} | {r['vmhwm_kfac_kb'] / 1024:.0f} |")
+          lines.append(f"| … its K-FAC {s.get('ekfac_basis', 'expand')} stage (batch "
+                       f"{s['batch']}) | {r['n']} | {r['kfac_s']:.1f} | {r['kfac_cpu_s']:.1f} | "
+                       f"{r['vmhwm_init_kb'] / 1024:.0f} | {quart[-2]} | "
+                       f"{r['vmhwm_kfac_kb'] / 1024:.0f} |")
         lines.append(f"| {_name(r, s)} | {r['n']} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | "
-                     f"{r['vmhwm_init_kb'] / 1024:.0f} | {q(-1)} | {r['vmhwm_kb'] / 1024:.0f} |")
+                     f"{r['vmhwm_init_kb'] / 1024:.0f} | {quart[-1]} | "
+                     f"{r['vmhwm_kb'] / 1024:.0f} |")
     lines += _slope_lines(_slopes(m))
   return "\n".join(lines)
 
@@ -371,7 +378,7 @@ def _slopes(rows: list[dict]) -> dict:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--digits-n", type=_ints, default=[32],
+  p.add_argument("--digits-n", type=_ints, default=[32, 128],
                  help="digits examples, comma-separated (all: 1797)")
   p.add_argument("--digits-draws", type=int, default=10, help="K for digits")
   p.add_argument("--digits-methods", type=_strs, default=list(METHODS))
@@ -383,7 +390,7 @@ def main(argv=None) -> int:
                       "expand, the fit-curvature default)")
   p.add_argument("--dim", type=int, default=4096, help="TRAK projection dimension k")
   p.add_argument("--trak-chunk", type=int, default=32, help="TRAK featurize chunk")
-  p.add_argument("--mem-n", type=_ints, default=[4, 32], help="N of the cifar_30m runs")
+  p.add_argument("--mem-n", type=_ints, default=[4, 16, 32, 64], help="N of the cifar_30m runs")
   p.add_argument("--mem-model", default="cifar_30m")
   p.add_argument("--mem-methods", type=_strs, default=["ekfac"],
                  help="ekfac also reports its K-FAC stage; kfac_expand is left out by default: "
