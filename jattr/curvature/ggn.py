@@ -391,4 +391,5 @@ def accumulate_sqrt_grads(reduce_fn: Callable, aux, apply_fn: ApplyFn, params: P
   for b, start in enumerate(range(0, n, batch)):
     part = one_batch(params, aux, x0[start:start + batch], jax.random.fold_in(key, b))
     total = part if total is None else jax.tree.map(jnp.add, total, part)
+    jax.block_until_ready(total)  # bounded memory: no queue of in-flight batches
   return jax.tree.map(lambda s: s / (n * draws.num_draws), total)
