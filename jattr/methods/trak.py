@@ -142,7 +142,8 @@ def trak_score(state: TrakState, query_features: jax.Array, *,
     query_features: [Q, k], built with the same projection (and model) as Φ.
     tile: (tile_q, tile_n) of ``jattr.methods.scoring``.
     out: optional preallocated numpy array / memmap [Q, N] to write into (the scores
-      then never exist whole on the device).
+      then never exist whole on the device in the primal form; the
+      dual form, used only when N < k, holds the [Q, N] scores once).
 
   Returns:
     τ, [Q, N] (``out`` itself when given).
