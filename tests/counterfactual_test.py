@@ -1,6 +1,5 @@
 """Counterfactual retraining: removal sets, same-noise regeneration, L2/SSIM bookkeeping."""
 
-import importlib
 import pathlib
 
 import jax
@@ -9,12 +8,11 @@ import numpy as np
 import pytest
 
 from jattr import diffusion
+from jattr.eval import counterfactual as cf
 from jattr.eval.ssim import ssim
 from jattr.train import TrainConfig, member_keys, train
 from toy_models import tiny_apply, tiny_init
 
-# jattr.eval re-exports the function ``counterfactual``, which shadows its module.
-cf = importlib.import_module("jattr.eval.counterfactual")
 SCHED = diffusion.linear(50)
 CFG = TrainConfig(num_steps=6, batch_size=4, learning_rate=1e-2, warmup_steps=1,
                   segment_steps=3)

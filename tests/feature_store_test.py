@@ -1,7 +1,6 @@
 """Feature store: read-back, config checks, crash safety, resumable featurization, CLI."""
 
 import argparse
-import importlib
 import json
 import shutil
 
@@ -14,12 +13,10 @@ from jattr.diffusion import draws as draws_lib
 from jattr.diffusion import measurements, schedules
 from jattr.features import ProjectionConfig, featurize
 from jattr.features import cli as features_cli
+from jattr.features import store_featurize as sf
 from jattr.io import feature_store as fs_lib
 from jattr.io.feature_store import FeatureStore
 
-# `jattr.features.store_featurize` may be shadowed by a re-exported function of the
-# same name in the package; importlib returns the module itself.
-sf = importlib.import_module("jattr.features.store_featurize")
 
 T = 20
 SHAPE = (4, 4, 1)

@@ -1,7 +1,5 @@
 """LDS, noise ceiling, bootstrap, subset bookkeeping and validation-only selection."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +7,7 @@ import pytest
 import scipy.stats
 
 from jattr import diffusion
-# jattr.eval re-exports the function ``lds``, which shadows the module of that name.
-lds_lib = importlib.import_module("jattr.eval.lds")
+from jattr.eval import lds as lds_lib
 
 
 def _tiny_apply(params, x, t):
