@@ -57,7 +57,7 @@ def test_reload_trains_nothing_and_other_specs_get_other_directories(cache, buil
   other = ensemble_cache.EnsembleSpec(num_members=10, design="binary_code", seed=3)
   assert ensemble_cache.ensemble_dir(cache, other) != built.directory
   (built.directory / "spec.json").write_text('{"digest": "x"}')
-  with pytest.raises(ValueError, match="another ensemble"):
+  with pytest.raises(ValueError, match="holds a different spec"):
     ensemble_cache.build(cache, ENS, progress=False)
   (built.directory / "spec.json").unlink()  # restored by the next build
 

@@ -107,22 +107,6 @@ def ensemble_dir(cache: lds_cache.LdsCache, spec: EnsembleSpec) -> pathlib.Path:
   return cache.directory / "ensembles" / name
 
 
-def _write_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-  tmp.replace(path)
-
-
-def _add_timing(directory: pathlib.Path, stage: str, wall: float, cpu: float) -> None:
-  path = directory / "timing.json"
-  timing = json.loads(path.read_text()) if path.exists() else {}
-  entry = timing.get(stage, {"wall_s": 0.0, "cpu_s": 0.0})
-  entry["wall_s"] += wall
-  entry["cpu_s"] += cpu
-  timing[stage] = entry
-  _write_json(path, timing)
-
-
 def train_labels(cache: lds_cache.LdsCache, data_dir=None) -> np.ndarray:
   """Class labels of the cache's training examples, [N]."""
   ds = lds_cache.load_data(cache.spec, data_dir)
@@ -147,14 +131,7 @@ def build(cache: lds_cache.LdsCache, spec: EnsembleSpec, *, strategy: str = "map
   directory.mkdir(parents=True, exist_ok=True)
   record = {"version": FORMAT_VERSION, "ensemble": spec.to_dict(),
             "lds_digest": cache.spec.digest(), "digest": spec.digest(cache.spec.digest())}
-  spec_path = directory / "spec.json"
-  if spec_path.exists():
-    saved = json.loads(spec_path.read_text())
-    if saved.get("digest") != record["digest"]:
-      raise ValueError(f"{spec_path} holds another ensemble (digest {saved.get('digest')}, "
-                       f"expected {record['digest']})")
-  else:
-    _write_json(spec_path, record)
+  lds_cache.check_spec_record(directory / "spec.json", record)
 
   n = cache.train_images.shape[0]
   design_path = directory / "design.npz"
@@ -175,8 +152,8 @@ def build(cache: lds_cache.LdsCache, spec: EnsembleSpec, *, strategy: str = "map
                    chunk_size=chunk_size, checkpoint_dir=model_dir,
                    meta={"ensemble": record["digest"]}, progress=progress)
   if not done:
-    _add_timing(directory, "train_members", time.perf_counter() - wall,
-                time.process_time() - cpu)
+    lds_cache.add_timing(directory, "train_members", time.perf_counter() - wall,
+                         time.process_time() - cpu)
   timing_path = directory / "timing.json"
   timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
   return Ensemble(spec=spec, directory=directory, masks=masks, params=res.state.ema_params,
@@ -215,6 +192,6 @@ def measure_splits(ensemble: Ensemble, cache: lds_cache.LdsCache, *, num_draws: 
   tmp = path.with_name(path.name + ".tmp.npz")
   np.savez(tmp, **out)
   tmp.replace(path)
-  _add_timing(ensemble.directory, f"measure_k{num_draws}", time.perf_counter() - wall,
-              time.process_time() - cpu)
+  lds_cache.add_timing(ensemble.directory, f"measure_k{num_draws}",
+                       time.perf_counter() - wall, time.process_time() - cpu)
   return out

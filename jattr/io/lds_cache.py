@@ -205,7 +205,8 @@ def cache_dir(spec: LdsSpec, root: str | os.PathLike) -> pathlib.Path:
   return pathlib.Path(root) / f"{spec.dataset}-{spec.digest()[:12]}"
 
 
-def _write_json(path: pathlib.Path, obj) -> None:
+def write_json(path: pathlib.Path, obj) -> None:
+  """Writes ``obj`` as JSON, atomically (write, then rename)."""
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
   os.replace(tmp, path)
@@ -237,14 +238,20 @@ class _Timer:
   def __exit__(self, *exc):
     if exc[0] is not None:
       return False
-    path = self.directory / "timing.json"
-    timing = json.loads(path.read_text()) if path.exists() else {}
-    entry = timing.get(self.stage, {"wall_s": 0.0, "cpu_s": 0.0})
-    entry["wall_s"] += time.perf_counter() - self.wall
-    entry["cpu_s"] += time.process_time() - self.cpu
-    timing[self.stage] = entry
-    _write_json(path, timing)
+    add_timing(self.directory, self.stage, time.perf_counter() - self.wall,
+               time.process_time() - self.cpu)
     return False
+
+
+def add_timing(directory: pathlib.Path, stage: str, wall: float, cpu: float) -> None:
+  """Adds ``wall``/``cpu`` seconds to ``stage`` in ``directory/timing.json``."""
+  path = directory / "timing.json"
+  timing = json.loads(path.read_text()) if path.exists() else {}
+  entry = timing.get(stage, {"wall_s": 0.0, "cpu_s": 0.0})
+  entry["wall_s"] += wall
+  entry["cpu_s"] += cpu
+  timing[stage] = entry
+  write_json(path, timing)
 
 
 # ---------------------------------------------------------------------------------
@@ -336,16 +343,19 @@ def _finished_state(directory: pathlib.Path, init_fn, config: TrainConfig, num_m
 # ---------------------------------------------------------------------------------
 
 
-def _check_spec_file(directory: pathlib.Path, spec: LdsSpec) -> None:
-  path = directory / "spec.json"
-  record = {"version": FORMAT_VERSION, "digest": spec.digest(), "spec": spec.to_dict()}
+def check_spec_record(path: pathlib.Path, record: dict) -> None:
+  """Writes ``record`` (with a ``"digest"``) to ``path``, or checks the one there.
+
+  A cache directory belongs to one spec: resuming it with another would mix the
+  two, so a different saved digest raises and nothing is touched.
+  """
   if path.exists():
     saved = json.loads(path.read_text())
     if saved.get("digest") != record["digest"]:
       raise ValueError(f"{path} holds a different spec (digest {saved.get('digest')}, "
                        f"expected {record['digest']}); remove the directory or use another root")
   else:
-    _write_json(path, record)
+    write_json(path, record)
 
 
 def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
@@ -376,7 +386,8 @@ def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
   """
   directory = cache_dir(spec, root)
   directory.mkdir(parents=True, exist_ok=True)
-  _check_spec_file(directory, spec)
+  check_spec_record(directory / "spec.json",
+                    {"version": FORMAT_VERSION, "digest": spec.digest(), "spec": spec.to_dict()})
   config, sched = spec.train_config, spec.noise_schedule
 
   ds = load_data(spec, data_dir)
@@ -464,7 +475,7 @@ def save_report(path: str | os.PathLike, record: dict) -> None:
   """Writes a results record (JSON) atomically, creating parent folders."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  _write_json(path, record)
+  write_json(path, record)
 
 
 def cache_summary(cache: LdsCache) -> dict[str, Any]:
