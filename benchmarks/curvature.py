@@ -7,7 +7,10 @@ K = ``--digits-draws`` fixed draws):
   - ``kfac_expand``, ``kfac_reduce``: ``jattr.curvature.fit_kfac`` on the UNet with
     ``conv_impl="xla"`` (kfac-jax recognises only native convolutions), the default
     ``"ggn_curvature_prop"`` estimator, ``--batch`` examples (× K draws) per update;
-  - ``ekfac``: K-FAC (``--ekfac-basis``, default reduce), then ``fit_ekfac``'s
+  - ``kfac_expand_kfacjax``: ``kfac_expand`` with kfac-jax's own conv block in place
+    of jattr's ``Conv2DExpand`` (same factors; the input factor from convolutions
+    over the inputs instead of explicit patches), to show what the swap saves;
+  - ``ekfac``: K-FAC (``--ekfac-basis``, default expand), then ``fit_ekfac``'s
     per-example pass (the run's default convs: im2col on CPU, as ``jattr
     fit-curvature`` does), ``--grad-batch`` examples per pass; both parts are timed;
   - ``trak``: for comparison, ``jattr.features.featurize`` of the same examples
@@ -33,9 +36,12 @@ linear in N; a least-squares line over the N values separates them.
 ``--mem-warmup`` first fits one batch in the same process (its programs then come
 from a process-local persistent compilation cache), which removes compilation
 from the timed fit but not the eigendecompositions, so it doubles the fixed cost.
-``--mem-sync-dispatch`` sets ``jax_cpu_enable_async_dispatch=False``: with async
-dispatch the fit's Python loop queues updates ahead of the running one and the
-peak grows with the number of updates until the queue is full (docs/benchmarks.md).
+``--mem-allocators`` compares host-allocator settings in one run, interleaved per
+N: ``trim`` (the library's default, ``jattr.host_memory.release_free_memory``
+after every batch), ``no_trim`` (freed buffers stay in glibc's arenas: the peak
+grew with the number of updates) and ``arena=M`` (``no_trim`` with
+``MALLOC_ARENA_MAX=M``). ``--mem-sync-dispatch`` sets
+``jax_cpu_enable_async_dispatch=False`` (each computation runs before the call returns).
 
     python benchmarks/curvature.py --skip-memory   # digits N = 32, 128: ~7 min near idle
     python benchmarks/curvature.py                 # + cifar_30m EK-FAC (and its K-FAC reduce
@@ -65,7 +71,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("kfac_expand", "kfac_expand_explicit", "kfac_reduce", "ekfac", "trak")
+METHODS = ("kfac_expand", "kfac_expand_kfacjax", "kfac_reduce", "ekfac", "trak")
 T = 1000
 
 
@@ -82,6 +88,16 @@ def _strs(s: str) -> list[str]:
   bad = sorted(set(out) - set(METHODS))
   if bad:
     raise argparse.ArgumentTypeError(f"unknown methods {bad}; expected some of {METHODS}")
+  return out
+
+
+def _allocators(s: str) -> list[str]:
+  out = [a.strip() for a in s.split(",") if a.strip()]
+  bad = [a for a in out if a not in ("trim", "no_trim")
+         and not (a.startswith("arena=") and a[6:].isdigit() and int(a[6:]) > 0)]
+  if bad or not out:
+    raise argparse.ArgumentTypeError(f"unknown allocator settings {bad}; expected trim, "
+                                     "no_trim or arena=M")
   return out
 
 
@@ -117,6 +133,13 @@ def worker(spec: dict) -> dict:
     # Each jitted call returns only when its computation is done, so a Python loop
     # of calls cannot queue computations ahead of the one running.
     jax.config.update("jax_cpu_enable_async_dispatch", False)
+  allocator = spec.get("allocator", "trim")
+  if allocator != "trim":
+    # The library returns freed heap pages to the OS after every batch
+    # (jattr.host_memory); "no_trim" and "arena=N" turn that off to measure it.
+    from jattr import host_memory
+
+    host_memory.release_free_memory = lambda: False
   cache_dir = None
   if spec.get("warmup"):
     # The fits jit closures created per call; a persistent cache local to this
@@ -192,15 +215,16 @@ def _fit(spec, x, params, apply_fn, xla_apply, schedule, draws, timed) -> dict:
   from jattr.features import ProjectionConfig, featurize
 
   n, out, method = x.shape[0], {}, spec["method"]
-  if method == "kfac_expand_explicit":
-    # What-if: kfac-jax's conv block computes the patch second moments with
-    # convolution tricks (psm.patches_moments) that XLA:CPU runs ~20x slower than
-    # extracting the patches and multiplying (psm.patches_moments_explicit, same
-    # result); swap it in for this process only.
-    from kfac_jax._src import patches_second_moment as psm
+  if method == "kfac_expand_kfacjax":
+    # For comparison: kfac-jax's own expand conv block, whose input factor comes
+    # from convolutions over the inputs (patches_moments) instead of the explicit
+    # patches of jattr's Conv2DExpand (same result; much slower on XLA:CPU).
+    import kfac_jax
 
-    psm.patches_moments = psm.patches_moments_explicit
-  if method in ("kfac_expand", "kfac_expand_explicit", "kfac_reduce", "ekfac"):
+    from jattr.curvature import kfac
+
+    kfac.Conv2DExpand = kfac_jax.Conv2DTwoKroneckerFactored
+  if method in ("kfac_expand", "kfac_expand_kfacjax", "kfac_reduce", "ekfac"):
     ws = spec["ekfac_basis"] if method == "ekfac" else (
         "reduce" if method == "kfac_reduce" else "expand")
     state, out["kfac_s"], out["kfac_cpu_s"] = timed(lambda: fit_kfac(
@@ -227,11 +251,16 @@ def _fit(spec, x, params, apply_fn, xla_apply, schedule, draws, timed) -> dict:
 
 def run_config(spec: dict, timeout: float) -> dict:
   cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+  env = dict(os.environ)
+  if spec.get("allocator", "trim").startswith("arena="):
+    # glibc reads it when the process starts: at most this many malloc arenas.
+    env["MALLOC_ARENA_MAX"] = spec["allocator"].split("=", 1)[1]
   t0 = time.perf_counter()
   try:
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout,
+                         env=env)
   except subprocess.TimeoutExpired:
-    log(f"{spec['model']} {spec['method']} N={spec['n']}: timed out after {timeout:.0f} s")
+    log(f"{spec['model']} {spec['method']} N={spec['n']} {_alloc(spec)}: timed out after {timeout:.0f} s")
     return {**spec, "error": f"timed out after {timeout:.0f} s"}
   if res.returncode:
     log(f"{spec['model']} {spec['method']} N={spec['n']} failed:\n{res.stderr[-2000:]}")
@@ -239,7 +268,7 @@ def run_config(spec: dict, timeout: float) -> dict:
   row = json.loads(res.stdout.strip().splitlines()[-1])
   row["process_wall_s"] = time.perf_counter() - t0
   parts = "".join(f", {k} {row[k]:.1f} s" for k in ("warmup_s", "kfac_s", "ekfac_s") if k in row)
-  log(f"{spec['model']} {spec['method']} N={spec['n']} K={spec['draws']}: "
+  log(f"{spec['model']} {spec['method']} N={spec['n']} K={spec['draws']} {_alloc(spec)}: "
       f"{row['seconds']:.1f} s (CPU {row['cpu_s']:.1f} s{parts}), "
       f"VmHWM {row['vmhwm_kb'] / 1024:.0f} MiB")
   return row
@@ -254,15 +283,25 @@ def _ok(rows):
   return [r for r in rows if "error" not in r]
 
 
+def _alloc(r: dict) -> str:
+  """The host-allocator setting of a row (see ``--mem-allocators``)."""
+  a = r.get("allocator", "trim")
+  return {"trim": "[trim]", "no_trim": "[no trim]"}.get(
+      a, f"[no trim, MALLOC_ARENA_MAX={a.split('=', 1)[-1]}]")
+
+
 def _name(r: dict, s: dict) -> str:
   basis = s.get("ekfac_basis", "expand")
+  alloc = f" {_alloc(r)}" if "allocator" in r and s.get("allocators", ["trim"]) != ["trim"] else ""
   return {"kfac_expand": f"K-FAC expand (batch {s['batch']})",
+          "kfac_expand_kfacjax": f"K-FAC expand with kfac-jax's conv block (batch {s['batch']})",
+          # rows of results files written before jattr's Conv2DExpand (2026-11-22):
           "kfac_expand_explicit": f"K-FAC expand, what-if: explicit patch moments (batch "
                                   f"{s['batch']})",
           "kfac_reduce": f"K-FAC reduce (batch {s['batch']})",
           "ekfac": f"EK-FAC = K-FAC {basis} + eigenvalue pass (batch {s['grad_batch']})",
           "trak": f"TRAK featurize, f = loss, k = {s['dim']} (chunk {s['trak_chunk']})"
-          }[r["method"]]
+          }[r["method"]] + alloc
 
 
 def report(res: dict) -> str:
@@ -333,7 +372,8 @@ def report(res: dict) -> str:
         quart = ["", ""] + quart
         if "vmhwm_kfac_kb" in r:
           lines.append(f"| … its K-FAC {s.get('ekfac_basis', 'expand')} stage (batch "
-                       f"{s['batch']}) | {r['n']} | {r['kfac_s']:.1f} | {r['kfac_cpu_s']:.1f} | "
+                       f"{s['batch']}){' ' + _alloc(r) if len(s.get('allocators', [])) > 1 else ''} "
+                       f"| {r['n']} | {r['kfac_s']:.1f} | {r['kfac_cpu_s']:.1f} | "
                        f"{r['vmhwm_init_kb'] / 1024:.0f} | {quart[-2]} | "
                        f"{r['vmhwm_kfac_kb'] / 1024:.0f} |")
         lines.append(f"| {_name(r, s)} | {r['n']} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | "
@@ -361,8 +401,12 @@ def _slopes(rows: list[dict]) -> dict:
              "cpu_s": r["kfac_cpu_s"], "vmhwm_kb": r["vmhwm_kfac_kb"]}
             for r in _ok(rows) if "vmhwm_kfac_kb" in r]
   rows = list(rows) + stages
-  for method in dict.fromkeys(r["method"] for r in _ok(rows)):
-    rs = sorted((r for r in _ok(rows) if r["method"] == method), key=lambda r: r["n"])
+
+  def key(r):  # one line per method and host-allocator setting
+    return f"{r['method']} {_alloc(r)}" if "allocator" in r else r["method"]
+
+  for method in dict.fromkeys(key(r) for r in _ok(rows)):
+    rs = sorted((r for r in _ok(rows) if key(r) == method), key=lambda r: r["n"])
     if len(rs) >= 2 and rs[-1]["n"] > rs[0]["n"]:
       ns = np.array([r["n"] for r in rs], float)
       wall, intercept = np.polyfit(ns, [r["seconds"] for r in rs], 1)
@@ -385,23 +429,25 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=16, help="examples per K-FAC update (digits)")
   p.add_argument("--grad-batch", type=int, default=16,
                  help="examples per EK-FAC eigenvalue pass (digits)")
-  p.add_argument("--ekfac-basis", choices=("expand", "reduce"), default="reduce",
-                 help="K-FAC whose eigenbasis EK-FAC refits (reduce: fast on CPU; --full: "
-                      "expand, the fit-curvature default)")
+  p.add_argument("--ekfac-basis", choices=("expand", "reduce"), default="expand",
+                 help="K-FAC whose eigenbasis EK-FAC refits (expand: the fit-curvature "
+                      "default)")
   p.add_argument("--dim", type=int, default=4096, help="TRAK projection dimension k")
   p.add_argument("--trak-chunk", type=int, default=32, help="TRAK featurize chunk")
   p.add_argument("--mem-n", type=_ints, default=[4, 16, 32, 64], help="N of the cifar_30m runs")
   p.add_argument("--mem-model", default="cifar_30m")
   p.add_argument("--mem-methods", type=_strs, default=["ekfac"],
-                 help="ekfac also reports its K-FAC stage; kfac_expand is left out by default: "
-                      "kfac-jax's conv moments make it very slow on CPU at 32x32 (see the "
-                      "digits table)")
+                 help="ekfac also reports its K-FAC stage (the --ekfac-basis fit)")
   p.add_argument("--mem-draws", type=int, default=1)
   p.add_argument("--mem-batch", type=int, default=2)
   p.add_argument("--mem-grad-batch", type=int, default=1)
   p.add_argument("--mem-sync-dispatch", action="store_true",
-                 help="jax_cpu_enable_async_dispatch=False in the memory runs (a diagnostic: "
-                      "does the peak grow because the fits' Python loops queue computations?)")
+                 help="jax_cpu_enable_async_dispatch=False in the memory runs (a diagnostic)")
+  p.add_argument("--mem-allocators", type=_allocators, default=["trim"],
+                 help="host-allocator settings of the memory runs, interleaved per N: trim "
+                      "(the library's default: freed heap pages go back to the OS after every "
+                      "batch), no_trim (they stay in glibc's arenas), arena=M (no_trim with "
+                      "MALLOC_ARENA_MAX=M)")
   p.add_argument("--mem-warmup", action="store_true",
                  help="fit one batch before the timed fit in each memory process (see above)")
   p.add_argument("--digits-warmup", action="store_true",
@@ -450,10 +496,11 @@ def main(argv=None) -> int:
     setup = {"model": args.mem_model, "draws": args.mem_draws, "batch": args.mem_batch,
              "grad_batch": args.mem_grad_batch, "dim": args.dim, "trak_chunk": args.mem_batch,
              "ekfac_basis": args.ekfac_basis, "warmup": args.mem_warmup,
-             "sync_dispatch": args.mem_sync_dispatch}
+             "sync_dispatch": args.mem_sync_dispatch, "allocators": args.mem_allocators}
     res["memory_setup"] = setup
-    res["memory"] = [run_config({**setup, "method": m, "n": n}, args.timeout)
-                     for m in args.mem_methods for n in args.mem_n]
+    res["memory"] = [run_config({**setup, "method": m, "n": n, "allocator": a}, args.timeout)
+                     for m in args.mem_methods for n in args.mem_n
+                     for a in args.mem_allocators]
     res["memory_slopes"] = _slopes(res["memory"])
   res["env"]["uptime_after"] = _uptime()
   res["env"]["total_s"] = time.perf_counter() - t0

@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import kfac_jax
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
@@ -134,6 +135,43 @@ def test_weight_sharing_expand_and_reduce(x64, apply_fn, shape, exact, inexact):
                           **EXACT)
     [err] = block_errors(g, dense_kfac(other, params), params, other.layout)
     assert err > 1e-2
+
+
+def strided_conv_apply(p, x, t, stride=2, padding="SAME"):
+  """A 3x3 conv over 3 input channels with stride 2, upsampled back to x's shape."""
+  a = jnp.concatenate([x, x ** 2, time_feature(x, t)], axis=-1)
+  s = jax.lax.conv_general_dilated(a, p["w"], (stride, stride), padding,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if "b" in p:
+    s = s + p["b"]
+  reps = (x.shape[1] // s.shape[1], x.shape[2] // s.shape[2])
+  return jnp.repeat(jnp.repeat(s, reps[0], axis=1), reps[1], axis=2)
+
+
+@pytest.mark.parametrize("padding,bias,chunked", [
+    ("SAME", True, False), ("VALID", True, False), ("SAME", False, False), ("SAME", True, True),
+    ("VALID", False, True)])
+def test_conv_expand_block_equals_kfac_jax_block(x64, monkeypatch, padding, bias, chunked):
+  # fit_kfac's Conv2DExpand computes A from explicit patches; kfac-jax's own block
+  # (patches_moments) must give the same factors, for strides, padding, bias or none,
+  # and when the patches are summed over chunks of examples (3 pairs of a batch of
+  # 4 (2 examples x 2 draws) per chunk: one zero-padded pair).
+  schedule, x0, draws, key = problem(3, 2, (4, 4, 2) if padding == "SAME" else (6, 6, 2))
+  params = {"w": jax.random.normal(key, (3, 3, 5, 2))}
+  if bias:
+    params["b"] = jnp.array([0.3, -0.2])
+  apply_fn = functools.partial(strided_conv_apply, padding=padding)
+  if chunked:
+    # 3 float64 pairs of 2x2 output locations (stride 2) x 3x3x5 patch entries.
+    monkeypatch.setattr(kfac, "PATCH_CHUNK_BYTES", 3 * 8 * 4 * 3 * 3 * 5)
+  ours = kfac.fit_kfac(apply_fn, params, schedule, x0, draws, batch_size=2, **EXACT)
+  monkeypatch.setattr(kfac, "Conv2DExpand", kfac_jax.Conv2DTwoKroneckerFactored)
+  theirs = kfac.fit_kfac(apply_fn, params, schedule, x0, draws, batch_size=2, **EXACT)
+  assert len(ours.blocks) == 1 and ours.layout[0].kind == "kronecker"
+  [mine], [ref] = ours.blocks, theirs.blocks
+  assert mine.a.shape == (3 * 3 * 5 + bias,) * 2
+  np.testing.assert_allclose(mine.a, ref.a, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(mine.g, ref.g, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -164,32 +164,23 @@ def dense_ggn_batched(apply_fn, params, schedule, x0, draws, *, batch_size: int 
                       progress: bool = False):
   """``jattr.curvature.dense_ggn`` over all N examples, ``batch_size`` at a time.
 
-  G = Σ_b (N_b / N) G_b, G_b the dense GGN of batch b (an average over its pairs),
-  so J [N_b K D, P] exists for one batch only.
-
   Args:
     apply_fn, params, schedule, x0, draws: as in ``dense_ggn``.
-    batch_size: examples per batch (None: the most whose J fits 128 MiB).
+    batch_size: examples per batch (None: the most whose J [batch K D, P] fits
+      128 MiB).
     progress: show a progress bar.
 
   Returns:
     G, [P, P] in ``ravel_pytree(params)`` order.
   """
-  from tqdm.auto import tqdm
-
   from jattr.curvature.ggn import dense_ggn
   from jattr.models import num_params
 
-  n = x0.shape[0]
-  p = num_params(params)
   if batch_size is None:
+    p = num_params(params)
     batch_size = max(1, _JACOBIAN_BYTES // (4 * draws.num_draws * int(np.prod(x0.shape[1:])) * p))
-  total = None
-  for s in tqdm(range(0, n, batch_size), desc="dense GGN", disable=not progress):
-    xb = x0[s:s + batch_size]
-    part = dense_ggn(apply_fn, params, schedule, xb, draws) * (xb.shape[0] / n)
-    total = part if total is None else total + part
-  return total
+  return dense_ggn(apply_fn, params, schedule, x0, draws, batch_size=batch_size,
+                   progress=progress)
 
 
 def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str = "expand",

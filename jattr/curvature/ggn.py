@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from jattr import host_memory
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.losses import per_example_loss, target
 from jattr.diffusion.schedules import Schedule, q_sample
@@ -181,31 +182,52 @@ def ggn_matvec(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws:
   return scan(jax.tree.map(jnp.zeros_like, params), xs, mask)
 
 
-def dense_ggn(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws):
+def dense_ggn(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws, *,
+              batch_size: int | None = None, progress: bool = False):
   """G as a dense [P, P] matrix, 2/(D N K) Σ_{i,k} J_ikᵀ J_ik (small models only).
 
   Rows and columns follow ``ravel_pytree(params)``. Run under float64 for a
-  reference: J is built with ``jax.jacfwd``, [N K D, P] in memory.
+  reference. Each pair's Jacobian J_ik [D, P] is built by reverse mode (D
+  cotangents; forward mode when P < D), and the sum runs ``batch_size`` examples
+  at a time, so J exists for one batch of pairs only: [batch · K · D, P].
 
   Args:
     apply_fn, params, schedule: as in ``ggn_matvec``.
     x0: training images [N, H, W, C].
     draws: the K fixed (t, ε) draws.
+    batch_size: examples per batch (None: all N at once).
+    progress: show a progress bar over the batches.
 
   Returns:
     G, shape [P, P].
   """
-  xb, tb, eb = example_draw_pairs(x0, draws)
+  check_examples(x0, draws)
   flat, unravel = ravel_pytree(params)
   dim = math.prod(x0.shape[1:])
+  jacobian = jax.jacrev if dim < flat.size else jax.jacfwd
+
+  def pair_jacobian(flat, x, t, eps):  # J_ik, [D, P]
+    return jacobian(lambda f: _outputs(apply_fn, unravel(f), schedule, x[None], t[None],
+                                       eps[None]).reshape(-1))(flat)
 
   @jax.jit
-  def ggn(flat, xb, tb, eb):
-    jac = jax.jacfwd(
-        lambda f: _outputs(apply_fn, unravel(f), schedule, xb, tb, eb).reshape(-1))(flat)
-    return (2.0 / (dim * xb.shape[0])) * (jac.T @ jac)
+  def ggn_sum(flat, xb, tb, eb):  # Σ over the batch's pairs of J_ikᵀ J_ik
+    jac = jax.vmap(pair_jacobian, (None, 0, 0, 0))(flat, xb, tb, eb).reshape(-1, flat.size)
+    return jac.T @ jac
 
-  return ggn(flat, xb, tb, eb)
+  from tqdm.auto import tqdm
+
+  n = x0.shape[0]
+  batch = n if batch_size is None else int(batch_size)
+  if batch < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  total = None
+  for start in tqdm(range(0, n, batch), desc="dense GGN", disable=not progress):
+    part = ggn_sum(flat, *example_draw_pairs(x0[start:start + batch], draws))
+    total = part if total is None else total + part
+    jax.block_until_ready(total)
+    host_memory.release_free_memory()
+  return (2.0 / (dim * n * draws.num_draws)) * total
 
 
 def dense_hessian(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws,
@@ -392,4 +414,5 @@ def accumulate_sqrt_grads(reduce_fn: Callable, aux, apply_fn: ApplyFn, params: P
     part = one_batch(params, aux, x0[start:start + batch], jax.random.fold_in(key, b))
     total = part if total is None else jax.tree.map(jnp.add, total, part)
     jax.block_until_ready(total)  # bounded memory: no queue of in-flight batches
+    host_memory.release_free_memory()  # and no freed batches kept by the allocator
   return jax.tree.map(lambda s: s / (n * draws.num_draws), total)
