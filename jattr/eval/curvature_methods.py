@@ -1,4 +1,4 @@
-"""Influence functions (K-FAC, EK-FAC, diagonal GGN) for the LDS harness.
+"""Influence functions (K-FAC, EK-FAC, diagonal GGN, the dense GGN) for the LDS harness.
 
 Each factory has the harness signature ``factory(cache, **options) -> (score_fn, grid)``
 (``jattr.eval.cli``). It fits the curvature of the training loss of the cache's
@@ -13,6 +13,10 @@ use exactly that with no tuning (the claim under test: K-FAC influence needs no
 method-specific tuning); the others choose the factor on validation queries from
 ``DAMPING_FACTOR_GRID``.
 
+The ``dense_ggn`` variants use the exact GGN (``jattr.curvature.dense_ggn``), the
+quantity K-FAC and EK-FAC approximate, eigendecomposed once in float64 (the digits
+benchmark's P = 12,921: G is 1.3 GB).
+
 K-FAC is fitted on the UNet rebuilt with native convolutions (``conv_impl="xla"``,
 same parameters): kfac-jax's graph matcher does not recognise the im2col
 convolutions the CPU build uses (docs/influence.md §11). The fit time (wall, one
@@ -25,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +38,7 @@ from jax.flatten_util import ravel_pytree
 
 from jattr import models
 from jattr.curvature import fit_diagonal, fit_ekfac, fit_kfac
+from jattr.curvature.ggn import DEFAULT_ESTIMATION_MODE, dense_ggn
 from jattr.diffusion import draws as draws_lib
 from jattr.io import lds_cache
 from jattr.diffusion.measurements import measurement_fn
@@ -40,11 +46,12 @@ from jattr.grads.per_example import per_example_flat_grads
 from jattr.methods.influence import influence_scores, inverse_vp_fn
 
 DAMPING_FACTOR_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-APPROXIMATIONS = ("kfac", "ekfac", "diagonal", "identity")
+APPROXIMATIONS = ("kfac", "ekfac", "diagonal", "identity", "dense", "dense_blockdiag")
 
 
 def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand",
-                  num_draws: int = 10, draw_seed: int = 1, batch_size: int = 50):
+                  num_draws: int = 10, draw_seed: int = 1, batch_size: int = 50,
+                  estimation_mode: str = DEFAULT_ESTIMATION_MODE):
   """Fits the curvature of the cache's full-data model; returns (state, draws, seconds)."""
   if approx not in APPROXIMATIONS:
     raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
@@ -56,6 +63,19 @@ def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand"
   t0 = time.perf_counter()
   if approx == "identity":  # C = I: the exact (unprojected) gradient dot product
     return None, draws, 0.0
+  if approx in ("dense", "dense_blockdiag"):
+    # The exact GGN G [P, P] (the reference every other curvature approximates),
+    # eigendecomposed once in float64 so that each damping of the grid costs a
+    # diagonal rescaling: (G + λI)⁻¹ = U diag(1/(s + λ)) Uᵀ.
+    g = np.asarray(dense_ggn(cache.apply_fn, cache.full_params, cache.schedule, train, draws,
+                             batch_size=batch_size), np.float64)
+    if approx == "dense_blockdiag":
+      # Only the blocks within one layer (module): K-FAC's block-diagonal structure
+      # with each block exact, to separate its two approximations.
+      layer = layer_ids(cache.full_params)
+      g = np.where(layer[:, None] == layer[None, :], g, 0.0)
+    s, u = np.linalg.eigh(g)
+    return DenseEig(np.maximum(s, 0.0), u), draws, time.perf_counter() - t0
   if approx == "diagonal":
     state = fit_diagonal(cache.apply_fn, cache.full_params, cache.schedule, train, draws,
                          batch_size=batch_size, parameterization=param)
@@ -63,12 +83,30 @@ def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand"
     config = dataclasses.replace(lds_cache.unet_config(cache.spec, shape), conv_impl="xla")
     state = fit_kfac(models.make_apply_fn(config), cache.full_params, cache.schedule, train,
                      draws, weight_sharing=weight_sharing, batch_size=batch_size,
-                     parameterization=param)
+                     parameterization=param, estimation_mode=estimation_mode)
     if approx == "ekfac":
       state = fit_ekfac(cache.apply_fn, cache.full_params, cache.schedule, train, draws, state,
-                        batch_size=batch_size, parameterization=param)
+                        batch_size=batch_size, parameterization=param,
+                        estimation_mode=estimation_mode)
   jax.block_until_ready(jax.tree.leaves(state))
   return state, draws, time.perf_counter() - t0
+
+
+def layer_ids(params) -> np.ndarray:
+  """For each entry of ``ravel_pytree(params)``, the index of its layer (the leaf's
+  parent in the pytree: a conv's kernel and bias share one)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  parents = [jax.tree_util.keystr(path[:-1]) for path, _ in flat]
+  index = {name: i for i, name in enumerate(dict.fromkeys(parents))}
+  return np.concatenate([np.full(np.size(leaf), index[name]) for name, (_, leaf)
+                         in zip(parents, flat)])
+
+
+class DenseEig(NamedTuple):
+  """G = U diag(s) Uᵀ, float64: the exact GGN of the harness's ``"dense"`` variant."""
+
+  eigvals: np.ndarray
+  eigvecs: np.ndarray
 
 
 _FITTED: dict = {}
@@ -86,11 +124,12 @@ def _fit_once(cache, **options):
 
 def influence_method(cache, *, approx: str = "kfac", weight_sharing: str = "expand",
                      num_draws: int = 10, draw_seed: int = 1, measurement: str = "loss",
-                     tune: bool = True, grid=DAMPING_FACTOR_GRID, batch_size: int = 50):
-  """K-FAC / EK-FAC / diagonal influence on the full-data model."""
+                     tune: bool = True, grid=DAMPING_FACTOR_GRID, batch_size: int = 50,
+                     estimation_mode: str = DEFAULT_ESTIMATION_MODE):
+  """K-FAC / EK-FAC / diagonal / dense-GGN influence on the full-data model."""
   state, draws, seconds = _fit_once(cache, approx=approx, weight_sharing=weight_sharing,
                                     num_draws=num_draws, draw_seed=draw_seed,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, estimation_mode=estimation_mode)
   param = cache.train_config.parameterization
   loss = measurement_fn("loss", cache.apply_fn, cache.schedule, draws, parameterization=param)
   m_fn = measurement_fn(measurement, cache.apply_fn, cache.schedule, draws,
@@ -103,11 +142,23 @@ def influence_method(cache, *, approx: str = "kfac", weight_sharing: str = "expa
   query_grads = {}
   unravel = ravel_pytree(cache.full_params)[1]
 
+  if isinstance(state, DenseEig):
+    # τ = (∇m U) diag(1/(s + λ)) (∇ℓ U)ᵀ with λ = factor × mean(s) = factor × tr(G)/P,
+    # the default of ``dense_inverse_vp``; the rotated training gradients are reused.
+    train_rot = np.asarray(train_grads, np.float64) @ state.eigvecs
+
   def score_fn(hparams, queries):
     key = (queries.name, queries.images.shape)
+    factor = hparams.get("damping_factor", 0.1)
+    if isinstance(state, DenseEig):
+      if key not in query_grads:
+        query_grads[key] = np.asarray(grads(m_fn, jnp.asarray(queries.images)),
+                                      np.float64) @ state.eigvecs
+      lam = factor * float(np.mean(state.eigvals))
+      return (query_grads[key] / (state.eigvals + lam)) @ train_rot.T
     if key not in query_grads:
       query_grads[key] = jax.vmap(unravel)(grads(m_fn, jnp.asarray(queries.images)))
-    ivp = inverse_vp_fn(state, damping_factor=hparams.get("damping_factor", 0.1))
+    ivp = inverse_vp_fn(state, damping_factor=factor)
     return np.asarray(influence_scores(query_grads[key], train_grads, ivp, chunk_size=50))
 
   score_fn.fit_seconds = seconds
@@ -126,7 +177,18 @@ def _variants() -> dict:
   for approx in ("kfac", "ekfac"):
     out[f"{approx}_expand_k100"] = functools.partial(influence_method, approx=approx,
                                                      num_draws=100, batch_size=20)
+    # Factors from every output coordinate (D backward passes per pair) instead of
+    # one sampled row: separates K-FAC's sampling noise from its Kronecker structure.
+    out[f"{approx}_expand_exact"] = functools.partial(influence_method, approx=approx,
+                                                      estimation_mode="ggn_exact",
+                                                      batch_size=10)
   out["diagonal_ggn"] = functools.partial(influence_method, approx="diagonal")
+  # The exact GGN (P = 12,921 on the digits benchmark: G is 1.3 GB in float64).
+  out["dense_ggn"] = functools.partial(influence_method, approx="dense", batch_size=4)
+  out["dense_ggn_default"] = functools.partial(influence_method, approx="dense", batch_size=4,
+                                               tune=False)
+  out["dense_ggn_blockdiag"] = functools.partial(influence_method, approx="dense_blockdiag",
+                                                 batch_size=4)
   out["grad_dot_exact"] = functools.partial(influence_method, approx="identity", tune=False)
   return out
 
