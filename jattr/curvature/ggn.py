@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from tqdm.auto import tqdm
 
 from jattr import host_memory
 from jattr.diffusion.draws import Draws
@@ -214,8 +215,6 @@ def dense_ggn(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
   def ggn_sum(flat, xb, tb, eb):  # Σ over the batch's pairs of J_ikᵀ J_ik
     jac = jax.vmap(pair_jacobian, (None, 0, 0, 0))(flat, xb, tb, eb).reshape(-1, flat.size)
     return jac.T @ jac
-
-  from tqdm.auto import tqdm
 
   n = x0.shape[0]
   batch = n if batch_size is None else int(batch_size)

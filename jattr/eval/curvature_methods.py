@@ -45,6 +45,7 @@ from jattr.diffusion.measurements import measurement_fn
 from jattr.grads.per_example import per_example_flat_grads
 from jattr.methods.influence import influence_scores, inverse_vp_fn
 
+MAX_DENSE_PARAMS = 20_000  # G in float64: 3 GiB, and about as much again for eigh
 DAMPING_FACTOR_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 APPROXIMATIONS = ("kfac", "ekfac", "diagonal", "identity", "dense", "dense_blockdiag")
 
@@ -64,6 +65,11 @@ def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand"
   if approx == "identity":  # C = I: the exact (unprojected) gradient dot product
     return None, draws, 0.0
   if approx in ("dense", "dense_blockdiag"):
+    p = ravel_pytree(cache.full_params)[0].size
+    if p > MAX_DENSE_PARAMS:
+      raise ValueError(f"approx={approx!r} needs G [P, P] with P = {p:,} parameters, above "
+                       f"MAX_DENSE_PARAMS = {MAX_DENSE_PARAMS:,} ({8 * p * p / 2**30:.1f} GiB "
+                       "in float64); use kfac or ekfac")
     # The exact GGN G [P, P] (the reference every other curvature approximates),
     # eigendecomposed once in float64 so that each damping of the grid costs a
     # diagonal rescaling: (G + λI)⁻¹ = U diag(1/(s + λ)) Uᵀ.
@@ -103,7 +109,8 @@ def layer_ids(params) -> np.ndarray:
 
 
 class DenseEig(NamedTuple):
-  """G = U diag(s) Uᵀ, float64: the exact GGN of the harness's ``"dense"`` variant."""
+  """G = U diag(s) Uᵀ in float64: the exact GGN (``"dense"``) or its within-layer
+  blocks (``"dense_blockdiag"``)."""
 
   eigvals: np.ndarray
   eigvecs: np.ndarray
