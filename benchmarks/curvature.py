@@ -44,9 +44,9 @@ grew with the number of updates) and ``arena=M`` (``no_trim`` with
 ``jax_cpu_enable_async_dispatch=False`` (each computation runs before the call returns).
 
     python benchmarks/curvature.py --skip-memory   # digits N = 32, 128: ~7 min near idle
-    python benchmarks/curvature.py                 # + cifar_30m EK-FAC (and its K-FAC reduce
-                                                   #   stage) at N = 4, 16, 32, 64: ~9 min more
-                                                   #   near idle, 4-10x that at load 5
+    python benchmarks/curvature.py                 # + cifar_30m EK-FAC (and its K-FAC expand
+                                                   #   stage) at N = 4, 16, 32, 64: ~10 min
+                                                   #   more near idle, 4-10x that at load 5
     python benchmarks/curvature.py --full          # the full protocol: all 1797 digits,
                                                    # cifar_30m N = 64, 128, 256 (hours on CPU)
 
