@@ -141,7 +141,7 @@ def build(cache: lds_cache.LdsCache, spec: EnsembleSpec, *, strategy: str = "map
     groups = train_labels(cache, data_dir) if spec.group_by == "class" else None
     masks = ensembles.design_splits(n, spec.num_members, spec.design, seed=spec.design_seed,
                                     group_size=spec.group_size, groups=groups)
-    np.savez(design_path, masks=masks)
+    lds_cache.write_npz(design_path, masks=masks)
 
   config = cache.train_config
   model_dir = directory / "members"
@@ -189,9 +189,7 @@ def measure_splits(ensemble: Ensemble, cache: lds_cache.LdsCache, *, num_draws: 
   y = np.asarray(fn(ensemble.params, jnp.asarray(images)), np.float64)
   bounds = np.cumsum([0] + [cache.splits[s].queries.images.shape[0] for s in names])
   out = {s: y[a:b] for s, a, b in zip(names, bounds[:-1], bounds[1:])}
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, **out)
-  tmp.replace(path)
+  lds_cache.write_npz(path, **out)
   lds_cache.add_timing(ensemble.directory, f"measure_k{num_draws}",
                        time.perf_counter() - wall, time.process_time() - cpu)
   return out

@@ -212,7 +212,8 @@ def write_json(path: pathlib.Path, obj) -> None:
   os.replace(tmp, path)
 
 
-def _write_npz(path: pathlib.Path, **arrays) -> None:
+def write_npz(path: pathlib.Path, **arrays) -> None:
+  """Writes ``arrays`` to ``path`` (.npz), atomically (write, then rename)."""
   # Write-then-rename: a build killed mid-write never leaves a half file that a
   # resumed build would take for a finished stage.
   tmp = path.with_name(path.name + ".tmp.npz")
@@ -401,7 +402,7 @@ def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
     train_idx, val_idx, test_idx = data_lib.split_indices(
         len(ds), [spec.num_train, spec.num_validation, spec.num_test], spec.split_seed)
     masks = subset_masks(spec.num_train, spec.num_subsets, spec.alpha, spec.subset_seed)
-    _write_npz(split_path, train=train_idx, validation=val_idx, test=test_idx, masks=masks)
+    write_npz(split_path, train=train_idx, validation=val_idx, test=test_idx, masks=masks)
   split = dict(np.load(split_path))
   train_images = ds.x[split["train"]]
   masks = split["masks"]
@@ -424,7 +425,7 @@ def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
       keys = sample_keys(spec)
       gen = (generate(apply_fn, full_params, spec, keys, image_shape) if spec.num_generated
              else np.zeros((0,) + image_shape, np.float32))
-      _write_npz(queries_path, validation=ds.x[split["validation"]], test=ds.x[split["test"]],
+      write_npz(queries_path, validation=ds.x[split["validation"]], test=ds.x[split["test"]],
                  generated=gen, generated_keys=np.asarray(jax.random.key_data(keys)))
   qz = dict(np.load(queries_path))
   all_queries = np.concatenate([qz[s] for s in SPLITS])
@@ -449,7 +450,7 @@ def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
                              progress=progress).state
       with _Timer(directory, f"measure_replicate_{r}"):
         y = np.asarray(measure(state.ema_params, jnp.asarray(all_queries)), np.float64)
-        _write_npz(y_path, y=y)
+        write_npz(y_path, y=y)
     ys.append(np.load(y_path)["y"])
   y_all = np.stack(ys, axis=-1)  # [Q_total, M, S]
 
