@@ -263,7 +263,8 @@ def mucs_lds_method(cache, variant: str = "mucs", grid=None, *, draw_seed: int =
       _log(f"mucs[{variant}]: EWC Fisher in {time.perf_counter() - t0:.1f} s")
     return fisher["f"]
 
-  def original_losses(seed):
+  @functools.cache
+  def original_losses(seed):  # θ*'s losses [N, K]: the same for every query and grid point
     draws = fixed_draws(jax.random.key(seed), num_draws, shape, cache.schedule.num_timesteps,
                         timesteps)
     return mucs.per_draw_losses(cache.apply_fn, cache.full_params, cache.schedule, train,
@@ -271,7 +272,6 @@ def mucs_lds_method(cache, variant: str = "mucs", grid=None, *, draw_seed: int =
                                 chunk_size=options.get("train_chunk", 64))
 
   def score_fn(hparams, queries):
-    config = variant_config(variant, **hparams)
     images = jnp.asarray(queries.images)
     if variant in ("mucs", "independent_noise"):
       base = variant_config("mucs", **hparams)
@@ -290,6 +290,7 @@ def mucs_lds_method(cache, variant: str = "mucs", grid=None, *, draw_seed: int =
       tau = np.asarray(mucs.skew_scores(jnp.asarray(losses_u), original_losses(o_seed),
                                         options.get("skew_constant", 1e-6)), np.float32)
     else:
+      config = variant_config(variant, **hparams)
       tau, info = mucs_attribute(cache.apply_fn, cache.full_params, cache.init_fn,
                                  cache.schedule, train, images, variant=variant, config=config,
                                  fisher=get_fisher() if config.ewc_weight > 0 else None,
