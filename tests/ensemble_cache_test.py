@@ -1,23 +1,19 @@
 """The encoded ensemble beside an LDS cache: design, resumable cached training,
 member measurements, and the harness method."""
 
+import dataclasses
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jattr.eval import ensemble_method
 from jattr.io import checkpoint, ensemble_cache, lds_cache
 from jattr.methods import ensembles
-from toy_models import tiny_apply, tiny_init
+from toy_models import TINY_LDS_SPEC, tiny_apply, tiny_init
 
 
-SPEC = lds_cache.LdsSpec(
-    dataset="digits", num_train=16, num_validation=3, num_test=3, num_generated=2,
-    model={"name": "tiny_conv"}, schedule={"kind": "linear", "num_timesteps": 50},
-    train={"num_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 1,
-           "segment_steps": 2},
-    num_subsets=2, num_seeds=1, num_draws=3, sampler={"kind": "ddim", "num_steps": 5})
+SPEC = dataclasses.replace(TINY_LDS_SPEC, num_subsets=2, num_seeds=1)
 ENS = ensemble_cache.EnsembleSpec(num_members=10, design="binary_code", seed=2)
 
 

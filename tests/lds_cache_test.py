@@ -11,16 +11,11 @@ import pytest
 
 from jattr.io import checkpoint
 from jattr.io import lds_cache
+from toy_models import TINY_LDS_SPEC as SPEC
 from toy_models import tiny_apply, tiny_init
 
 
 MODEL = (tiny_init, tiny_apply)
-SPEC = lds_cache.LdsSpec(
-    dataset="digits", num_train=16, num_validation=3, num_test=3, num_generated=2,
-    model={"name": "tiny_conv"}, schedule={"kind": "linear", "num_timesteps": 50},
-    train={"num_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 1,
-           "segment_steps": 2},
-    num_subsets=4, num_seeds=2, num_draws=3, sampler={"kind": "ddim", "num_steps": 5})
 
 
 def _build(root, spec=SPEC):
