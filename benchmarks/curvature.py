@@ -71,16 +71,14 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _bench import PeakSampler, ints, status_kb, write_results  # noqa: E402
+
 METHODS = ("kfac_expand", "kfac_expand_kfacjax", "kfac_reduce", "ekfac", "trak")
 T = 1000
 
 
 def log(msg: str) -> None:
   print(f"[curvature {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _ints(s: str) -> list[int]:
-  return [int(v) for v in s.split(",") if v]
 
 
 def _strs(s: str) -> list[str]:
@@ -101,14 +99,6 @@ def _allocators(s: str) -> list[str]:
   return out
 
 
-def _status_kb(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _uptime() -> str:
   try:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
@@ -125,7 +115,6 @@ def worker(spec: dict) -> dict:
   """Runs one (model, method, N, K) configuration; returns timings and peak RSS."""
   import shutil
   import tempfile
-  import threading
 
   import jax
 
@@ -169,15 +158,10 @@ def worker(spec: dict) -> dict:
   draws = fixed_draws(jax.random.key(1), k, cfg.image_shape, T)
   schedule = schedules.linear(T)
   jax.block_until_ready((params, x))
-  out = {**spec, "num_params": num_params(params), "vmhwm_init_kb": _status_kb("VmHWM")}
+  out = {**spec, "num_params": num_params(params), "vmhwm_init_kb": status_kb("VmHWM")}
   # VmHWM every second, to see whether the peak still rises during a fit.
-  samples, stop, t_start = [], threading.Event(), time.perf_counter()
-
-  def sample():
-    while not stop.wait(1.0):
-      samples.append((time.perf_counter() - t_start, _status_kb("VmHWM")))
-
-  threading.Thread(target=sample, daemon=True).start()
+  sampler = PeakSampler().start()
+  t_start = sampler.t0
   stages = out["stages"] = []
 
   def timed(fn):
@@ -192,15 +176,15 @@ def worker(spec: dict) -> dict:
     warm = _fit(spec, x[:w], params, apply_fn, xla_apply, schedule, draws, timed)
     out["warmup_n"] = w
     out["warmup_s"], out["warmup_cpu_s"] = warm["seconds"], warm["cpu_s"]
-    out["vmhwm_warmup_kb"] = _status_kb("VmHWM")
+    out["vmhwm_warmup_kb"] = status_kb("VmHWM")
   out.update(_fit(spec, x, params, apply_fn, xla_apply, schedule, draws, timed))
-  out["vmhwm_kb"] = _status_kb("VmHWM")
-  stop.set()
+  out["vmhwm_kb"] = status_kb("VmHWM")
+  sampler.stop()
   # The timed stages' [start, end] (seconds since init) and VmHWM at 25/50/75/100 %
   # of each stage's time.
   out["vmhwm_stage_quartiles_kb"] = [
-      [max([h for t, h in samples if t <= a + q * (b - a)] or [out["vmhwm_init_kb"]])
-       for q in (0.25, 0.5, 0.75, 1.0)] for a, b in stages]
+      [sampler.peak_until(a + q * (b - a), out["vmhwm_init_kb"]) for q in (0.25, 0.5, 0.75, 1.0)]
+      for a, b in stages]
   if cache_dir:
     shutil.rmtree(cache_dir, ignore_errors=True)
   return out
@@ -233,7 +217,7 @@ def _fit(spec, x, params, apply_fn, xla_apply, schedule, draws, timed) -> dict:
     out["blocks"] = {"kronecker": kinds.count("kronecker"), "diagonal": kinds.count("diagonal")}
     out["seconds"], out["cpu_s"] = out["kfac_s"], out["kfac_cpu_s"]
     if method == "ekfac":
-      out["vmhwm_kfac_kb"] = _status_kb("VmHWM")
+      out["vmhwm_kfac_kb"] = status_kb("VmHWM")
       _, out["ekfac_s"], out["ekfac_cpu_s"] = timed(lambda: fit_ekfac(
           apply_fn, params, schedule, x, draws, state, batch_size=spec["grad_batch"]))
       out["seconds"] += out["ekfac_s"]
@@ -422,7 +406,7 @@ def _slopes(rows: list[dict]) -> dict:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--digits-n", type=_ints, default=[32, 128],
+  p.add_argument("--digits-n", type=ints, default=[32, 128],
                  help="digits examples, comma-separated (all: 1797)")
   p.add_argument("--digits-draws", type=int, default=10, help="K for digits")
   p.add_argument("--digits-methods", type=_strs, default=list(METHODS))
@@ -434,7 +418,7 @@ def main(argv=None) -> int:
                       "default)")
   p.add_argument("--dim", type=int, default=4096, help="TRAK projection dimension k")
   p.add_argument("--trak-chunk", type=int, default=32, help="TRAK featurize chunk")
-  p.add_argument("--mem-n", type=_ints, default=[4, 16, 32, 64], help="N of the cifar_30m runs")
+  p.add_argument("--mem-n", type=ints, default=[4, 16, 32, 64], help="N of the cifar_30m runs")
   p.add_argument("--mem-model", default="cifar_30m")
   p.add_argument("--mem-methods", type=_strs, default=["ekfac"],
                  help="ekfac also reports its K-FAC stage (the --ekfac-basis fit)")
@@ -503,12 +487,7 @@ def main(argv=None) -> int:
                      for a in args.mem_allocators]
     res["memory_slopes"] = _slopes(res["memory"])
   res["env"]["uptime_after"] = _uptime()
-  res["env"]["total_s"] = time.perf_counter() - t0
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(res, indent=1, default=str))
-  print(report(res))
-  print(f"\n(total {res['env']['total_s']:.0f} s; results in {out})")
+  write_results(res, args.out, report, t0)
   return 0
 
 

@@ -54,20 +54,10 @@ from jattr.features.projection import block_matrix
 from jattr.grads import flatten_per_example, per_example_flat_grads
 from jattr.models import config_by_name, make_apply_fn, make_init_fn
 
+from _bench import PeakSampler, ints, status_kb, write_results  # the script's own folder
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 T = 1000
-
-
-def _status_kb(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _ints(s: str) -> list[int]:
-  return [int(v) for v in s.split(",") if v]
 
 
 def timed(fn, *args, repeats: int = 1) -> dict:
@@ -201,13 +191,6 @@ def throughput(args) -> dict:
 # ---------------------------------------------------------------------------------
 
 
-def _sample_memory(samples: list, stop, period_s: float = 1.0) -> None:
-  """Appends (seconds since start, VmRSS kB, VmHWM kB) every period_s until stop is set."""
-  t0 = time.perf_counter()
-  while not stop.wait(period_s):
-    samples.append((time.perf_counter() - t0, _status_kb("VmRSS"), _status_kb("VmHWM")))
-
-
 def memory_worker(args) -> None:
   """One N in a fresh process: prints a JSON line with the peak RSS.
 
@@ -215,8 +198,6 @@ def memory_worker(args) -> None:
   one process also shows whether the peak still rises after the first chunks: the
   report gives VmHWM at 25/50/75/100% of the run's time.
   """
-  import threading
-
   from jattr.features.store_featurize import store_featurize
   from jattr.io.feature_store import FeatureStore
 
@@ -226,24 +207,21 @@ def memory_worker(args) -> None:
   x = np.random.default_rng(0).uniform(-1, 1, (n, *cfg.image_shape)).astype(np.float32)
   proj = ProjectionConfig(dim=args.mem_dim, kind="rademacher", seed=0)
   jax.block_until_ready(params)
-  hwm_init = _status_kb("VmHWM")
+  hwm_init = status_kb("VmHWM")
   with tempfile.TemporaryDirectory() as d:
     store = FeatureStore.open(pathlib.Path(d) / "s", {"n": n}, n, proj.dim, args.mem_chunk)
-    samples, stop = [], threading.Event()
-    sampler = threading.Thread(target=_sample_memory, args=(samples, stop), daemon=True)
+    sampler = PeakSampler()
     t0 = time.perf_counter()
     sampler.start()
     store_featurize(fn, params, x, proj, store, chunk_size=args.mem_chunk, progress=False)
     seconds = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
+    sampler.stop()
     assert store.complete and np.all(np.isfinite(store.read()))
   print(json.dumps({"n": n, "chunks": store.num_chunks, "num_params": num_params,
-                    "vmhwm_after_init_kb": hwm_init, "vmhwm_kb": _status_kb("VmHWM"),
-                    "vmrss_end_kb": _status_kb("VmRSS"), "seconds": seconds,
-                    "vmhwm_quartiles_kb": [
-                        max([s[2] for s in samples if s[0] <= q * seconds] or [hwm_init])
-                        for q in (0.25, 0.5, 0.75, 1.0)]}))
+                    "vmhwm_after_init_kb": hwm_init, "vmhwm_kb": status_kb("VmHWM"),
+                    "vmrss_end_kb": status_kb("VmRSS"), "seconds": seconds,
+                    "vmhwm_quartiles_kb": [sampler.peak_until(q * seconds, hwm_init)
+                                           for q in (0.25, 0.5, 0.75, 1.0)]}))
 
 
 def memory(args) -> list[dict]:
@@ -329,11 +307,11 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--n", type=int, default=256, help="examples of the batched/naive runs")
-  p.add_argument("--chunks", type=_ints, default=[128, 512], help="featurize chunk sizes")
-  p.add_argument("--draws", type=_ints, default=[10, 1], help="K values (first: all chunks)")
+  p.add_argument("--chunks", type=ints, default=[128, 512], help="featurize chunk sizes")
+  p.add_argument("--draws", type=ints, default=[10, 1], help="K values (first: all chunks)")
   p.add_argument("--dim", type=int, default=4096, help="k")
   p.add_argument("--no-naive", dest="naive", action="store_false")
-  p.add_argument("--mem-n", type=_ints, default=[8, 16, 32], help="N of the memory runs")
+  p.add_argument("--mem-n", type=ints, default=[8, 16, 32], help="N of the memory runs")
   p.add_argument("--mem-model", default="cifar_30m")
   p.add_argument("--mem-chunk", type=int, default=8)
   p.add_argument("--mem-dim", type=int, default=8, help="k of the memory runs")
@@ -369,12 +347,7 @@ def main(argv=None) -> int:
                            "draws": args.mem_draws, "dim": args.mem_dim}
     res["memory"] = memory(args)
   res["env"]["load_after"] = [round(v, 2) for v in os.getloadavg()]
-  res["env"]["total_s"] = time.perf_counter() - t0
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(res, indent=1, default=str))
-  print(report(res))
-  print(f"\n(total {res['env']['total_s']:.0f} s; results in {out})")
+  write_results(res, args.out, report, t0)
   return 0
 
 
