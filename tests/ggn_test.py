@@ -55,6 +55,9 @@ def test_matvec_equals_dense_ggn(x64):
     gv = ggn.ggn_matvec(mlp_apply, params, schedule, x0, draws, unravel(v), chunk_size=chunk)
     np.testing.assert_allclose(ravel_pytree(gv)[0], g @ v, rtol=1e-10, atol=1e-12)
   assert np.linalg.eigvalsh(g).min() > -1e-12  # PSD
+  # Summed over batches of 2 examples (the last one short): the same matrix.
+  np.testing.assert_allclose(ggn.dense_ggn(mlp_apply, params, schedule, x0, draws, batch_size=2),
+                             g, rtol=1e-12, atol=1e-14)
 
 
 def test_ggn_equals_hessian_for_linear_model(x64):
@@ -126,6 +129,8 @@ def test_bad_inputs_raise(x64):
   params = mlp_params(key)
   with pytest.raises(ValueError, match="draws.eps must have shape"):
     ggn.dense_ggn(mlp_apply, params, schedule, x0[:, :1], draws)
+  with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    ggn.dense_ggn(mlp_apply, params, schedule, x0, draws, batch_size=0)
   with pytest.raises(ValueError, match="v must have the tree structure"):
     ggn.ggn_matvec(mlp_apply, params, schedule, x0, draws, {"w": 1.0})
   with pytest.raises(ValueError, match="damping must be"):

@@ -174,6 +174,21 @@ def test_conv_expand_block_equals_kfac_jax_block(x64, monkeypatch, padding, bias
   np.testing.assert_allclose(mine.g, ref.g, rtol=1e-10, atol=1e-12)
 
 
+def test_grouped_conv_falls_back_to_a_diagonal_block_with_a_warning(x64):
+  # kfac-jax's matcher does not tag grouped convolutions as conv2d (so jattr's conv
+  # blocks, which need ungrouped patches, never see one): fit_kfac says so.
+  def grouped_apply(p, x, t):
+    a = jnp.concatenate([x, time_feature(x, t)], axis=-1)  # 2 channels, 2 groups
+    return jax.lax.conv_general_dilated(a, p["w"], (1, 1), "SAME", feature_group_count=2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))[..., :1]
+
+  schedule, x0, draws, key = problem(2, 1, (2, 2, 1))
+  params = {"w": jax.random.normal(key, (2, 2, 1, 2))}
+  with pytest.warns(UserWarning, match="matched no kfac-jax layer pattern"):
+    state = kfac.fit_kfac(grouped_apply, params, schedule, x0, draws, **EXACT)
+  assert [lay.kind for lay in state.layout] == ["diagonal"]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ekfac_never_worse_than_kfac(x64, seed):
   schedule, x0, draws, key = problem(4, 2, (2, 2, 1), seed=seed)

@@ -233,6 +233,10 @@ def test_influence_methods_match_the_library_call(built):
                    jnp.asarray(queries.images), g_block, damping_factor=0.01)
   np.testing.assert_allclose(block_fn({"damping_factor": 0.01}, queries), want, rtol=2e-3,
                              atol=1e-5)
+  with pytest.MonkeyPatch.context() as mp, pytest.raises(ValueError,
+                                                        match="above MAX_DENSE_PARAMS = 10"):
+    mp.setattr(cm, "MAX_DENSE_PARAMS", 10)  # refused before any fitting
+    cm.fit_curvature(cache, approx="dense", num_draws=3)
   dot_fn, dot_grid = cm.influence_method(cache, approx="identity", num_draws=3, tune=False)
   assert dot_grid == [{}]
   want = influence(cache.apply_fn, cache.full_params, cache.schedule, draws, train,
