@@ -198,7 +198,7 @@ def memory_worker(args) -> None:
   one process also shows whether the peak still rises after the first chunks: the
   report gives VmHWM at 25/50/75/100% of the run's time.
   """
-  from jattr.features.store_featurize import store_featurize
+  from jattr.runs import store_featurize
   from jattr.io.feature_store import FeatureStore
 
   n = args.mem_worker
@@ -213,7 +213,7 @@ def memory_worker(args) -> None:
     sampler = PeakSampler()
     t0 = time.perf_counter()
     sampler.start()
-    store_featurize(fn, params, x, proj, store, chunk_size=args.mem_chunk, progress=False)
+    store_featurize(fn, params, x, proj, store, chunk_size=args.mem_chunk)
     seconds = time.perf_counter() - t0
     sampler.stop()
     assert store.complete and np.all(np.isfinite(store.read()))

@@ -60,18 +60,15 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jattr import diffusion
 from jattr.data import load_digits
-from jattr.diffusion import batch_loss
 from jattr.models import digits_config, make_apply_fn, make_init_fn
 from jattr.models.unet import resolve_conv_impl
-from jattr.train import (TrainConfig, TrainState, draw_batch, ema_update, init_state,
-                         make_optimizer, make_segment_fn, make_subsets, member_keys, train_many)
-# The member map train_many wraps around the segment: imported rather than copied so
-# the benchmark times exactly the program train_many compiles.
-from jattr.train.many import _map_members
+# map_members is the member map train_many wraps around the segment: imported rather
+# than copied so the benchmark times exactly the program train_many compiles.
+from jattr.train import (TrainConfig, init_state, make_optimizer, make_segment_fn, make_step_fn,
+                         make_subsets, map_members, member_keys, train_many)
 
 
 @dataclasses.dataclass
@@ -201,7 +198,7 @@ class Bench:
     args = self.members(m, impl)
     seg, data = self.segment_fn(impl), self.data
     fn = lambda s, i, n, k: seg(s, data, i, n, k, steps)  # noqa: E731
-    mapped = _map_members(fn, strategy, chunk)
+    mapped = map_members(fn, strategy, chunk)
     exe, c, cc = _compiled(mapped, args)
     label = f"chunked({chunk})" if strategy == "chunked" else strategy
     return Variant(section, label, impl, m, steps, _carrying(exe, args), c, cc)
@@ -209,22 +206,11 @@ class Bench:
   def python_loop(self, impl: str, steps: int) -> Variant:
     """One jitted optimizer step (no loop inside), called ``steps`` times from Python.
 
-    The step is ``make_segment_fn``'s loop body written out, so the only difference
-    from the ``lax.scan`` variant is where the loop lives.
+    The step is ``make_step_fn``'s, the body of ``make_segment_fn``'s scan, so the only
+    difference from the ``lax.scan`` variant is where the loop lives.
     """
     _, apply_fn = self.models[impl]
-    sched, cfg, opt = self.schedule, self.config, self.optimizer
-
-    def step(state, data, indices, count, train_key):
-      key = jax.random.fold_in(train_key, state.step)
-      x0, t, eps = draw_batch(key, data, indices, count, cfg.batch_size, sched.num_timesteps)
-      loss, grads = jax.value_and_grad(
-          lambda p: batch_loss(apply_fn, p, sched, x0, t, eps, cfg.parameterization))(
-              state.params)
-      updates, opt_state = opt.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      ema = ema_update(state.ema_params, params, state.step, cfg.ema_decay)
-      return TrainState(state.step + 1, params, ema, opt_state), loss
+    step = make_step_fn(apply_fn, self.schedule, self.config, self.optimizer)
 
     args = self.one_member_args(impl)
     exe, c, cc = _compiled(step, args)
@@ -294,7 +280,7 @@ def check_auto(bench: Bench, impl: str, m: int, rows: list[dict]) -> dict:
   cfg = dataclasses.replace(bench.config, num_steps=1, segment_steps=1)
   t0 = time.perf_counter()
   res = train_many(apply_fn, init_fn, bench.schedule, bench.data, masks, list(range(m)), cfg,
-                   strategy="auto", progress=False)
+                   strategy="auto")
   seconds = time.perf_counter() - t0
   by = {r["strategy"]: r for r in rows if r["M"] == m}
   out = {"M": m, "picked": res.strategy, "seconds_incl_compiles": round(seconds, 1)}

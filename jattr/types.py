@@ -1,4 +1,4 @@
-"""Shape-typed aliases shared across jattr.
+"""The model contract shared across jattr.
 
 The core never assumes a particular network: a model enters as
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Callable, Literal
 
 import jax
-from jaxtyping import Array, Float, Int, PRNGKeyArray  # noqa: F401  (re-exported)
 
 Params = Any
 """Any pytree of arrays."""
@@ -22,7 +21,3 @@ ApplyFn = Callable[[Params, jax.Array, jax.Array], jax.Array]
 """``apply_fn(params, x_t [B,H,W,C], t [B]) -> prediction [B,H,W,C]``."""
 
 Parameterization = Literal["eps", "x0", "v"]
-
-Images = Float[Array, "b h w c"]
-Image = Float[Array, "h w c"]
-Timesteps = Int[Array, "b"]

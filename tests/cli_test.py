@@ -27,9 +27,9 @@ def test_run_trains_samples_and_attributes(tmp_path, capsys):
                "attribution/index.html", "attribution/query_003.png", "attribution/scores.npz"):
     assert (out / name).exists(), name
   scores = np.load(out / "attribution" / "scores.npz")
-  assert scores["scores"].shape == (4, 48) and np.all(np.isfinite(scores["scores"]))
+  assert scores["tau"].shape == (4, 48) and np.all(np.isfinite(scores["tau"]))
   assert scores["top"].shape == (4, 3)
-  np.testing.assert_array_equal(scores["top"][:, 0], scores["scores"].argmax(1))
+  np.testing.assert_array_equal(scores["top"][:, 0], scores["tau"].argmax(1))
   assert (out / "attribution" / "index.html").read_text().count("<img") == 4
   # Sampling again with the run's seed reproduces the samples.
   first = np.load(out / "samples.npz")["x"]

@@ -10,6 +10,7 @@ import pytest
 from jattr import diffusion
 from jattr.eval import counterfactual as cf
 from jattr.eval.ssim import ssim
+from jattr.io.checkpoint import Checkpointer
 from jattr.train import TrainConfig, member_keys, train
 from toy_models import tiny_apply, tiny_init
 
@@ -45,11 +46,11 @@ def test_counterfactual_matches_manual_retraining_and_regeneration(tmp_path):
   keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.key(9), j))(jnp.arange(2))
   originals = np.asarray(jax.vmap(lambda k: sample_fn(full.ema_params, k))(keys))
   scores = np.asarray(jax.random.normal(jax.random.key(4), (2, 12)))
-  # The random controls train in their own checkpoint (control_dir); the member
+  # The random controls train in their own checkpoint (control_checkpointer); the member
   # checked by hand below is one of them.
   res = cf.counterfactual(tiny_apply, tiny_init, SCHED, data, CFG, scores, sample_fn, keys,
-                          originals, seed=seed, ks=(2, 4), checkpoint_dir=tmp_path / "a",
-                          control_dir=tmp_path / "control", progress=False)
+                          originals, seed=seed, ks=(2, 4), checkpointer=Checkpointer(tmp_path / "a"),
+                          control_checkpointer=Checkpointer(tmp_path / "control"), progress=False)
   assert res.l2.shape == res.ssim.shape == (2, 2, 2)
   assert res.samples.shape == (2, 2, 2, 4, 4, 1)
   top, rand = cf.removal_sets(scores, 4, seed=1)  # ks[1] uses random_seed + 1
@@ -88,21 +89,21 @@ def test_shared_controls_are_trained_once(tmp_path, monkeypatch):
   kw = dict(seed=5, ks=(3,), progress=False)
   args = (tiny_apply, tiny_init, SCHED, data, CFG)
   split = cf.counterfactual(*args, scores, sample_fn, keys, originals,
-                            checkpoint_dir=tmp_path / "a", control_dir=tmp_path / "control",
+                            checkpointer=Checkpointer(tmp_path / "a"), control_checkpointer=Checkpointer(tmp_path / "control"),
                             **kw)
   # Another method's scores: only its attributed models train; the controls are
-  # restored from control_dir, unchanged.
+  # restored from the control checkpoint, unchanged.
   trained = []
   real = cf.train_many
 
-  def spy(*a, checkpoint_dir=None, **k):
-    before = checkpoint_dir is not None and (pathlib.Path(checkpoint_dir) / "6").exists()
-    trained.append((pathlib.Path(checkpoint_dir).name, before))
-    return real(*a, checkpoint_dir=checkpoint_dir, **k)
+  def spy(*a, checkpointer=None, **k):
+    before = checkpointer is not None and (checkpointer.directory / "6").exists()
+    trained.append((checkpointer.directory.name, before))
+    return real(*a, checkpointer=checkpointer, **k)
 
   monkeypatch.setattr(cf, "train_many", spy)
   other = cf.counterfactual(*args, -scores, sample_fn, keys, originals,
-                            checkpoint_dir=tmp_path / "b", control_dir=tmp_path / "control",
+                            checkpointer=Checkpointer(tmp_path / "b"), control_checkpointer=Checkpointer(tmp_path / "control"),
                             **kw)
   assert trained == [("b", False), ("control", True)]
   np.testing.assert_array_equal(other.samples[1], split.samples[1])
@@ -112,7 +113,7 @@ def test_shared_controls_are_trained_once(tmp_path, monkeypatch):
 def test_chosen_hparams_come_from_a_validation_selected_record(tmp_path):
   import json
 
-  from jattr.eval.cli import chosen_hparams
+  from jattr.bench import chosen_hparams
 
   path = tmp_path / "r.json"
   report = {"method": "m", "selected_on": "validation", "chosen": {"learning_rate": 0.001}}

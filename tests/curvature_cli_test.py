@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jattr.curvature import DiagonalState, EkfacState, KfacState
-from jattr.curvature import cli as curvature_cli
-from jattr.features.store_featurize import model_hash
+from jattr.curvature import DiagonalState, EkfacState, KfacState, dense_state
+from jattr import cli, runs
+from jattr.io.hashing import model_hash
 from jattr.io import curvature_store as cs
 
 N_TRAIN, N_SAMPLES, K = 6, 3, 2
@@ -40,11 +40,8 @@ def tiny_run(tmp_path_factory):
 
 
 def _cli(argv):
-  parser = argparse.ArgumentParser()
-  sub = parser.add_subparsers(dest="command", required=True)
-  curvature_cli.add_fit_curvature_parser(sub)
-  curvature_cli.add_influence_parser(sub)
-  args = parser.parse_args(argv)
+  """Runs a jattr command as the CLI parses it; returns what the command returns."""
+  args = cli.build_parser().parse_args(argv)
   return args.func(args)
 
 
@@ -105,7 +102,7 @@ def toy_params(key):
 
 
 def test_kfac_diagonal_dense_round_trips_are_exact(tmp_path):
-  from jattr.curvature import dense_ggn, fit_diagonal, fit_kfac, kfac_inverse_vp
+  from jattr.curvature import dense_ggn, dense_state, fit_diagonal, fit_kfac, kfac_inverse_vp
   from jattr.diffusion import fixed_draws, schedules
 
   params = toy_params(jax.random.key(0))
@@ -130,19 +127,26 @@ def test_kfac_diagonal_dense_round_trips_are_exact(tmp_path):
   _assert_identical(loaded, dg)
 
   # The driver's dense G, summed over batches of 2, is dense_ggn over all examples.
-  dense = curvature_cli.dense_ggn_batched(toy_apply, params, schedule, x0, draws, batch_size=2)
+  dense = runs.dense_ggn_batched(toy_apply, params, schedule, x0, draws, batch_size=2)
   np.testing.assert_allclose(dense, dense_ggn(toy_apply, params, schedule, x0, draws),
                              rtol=1e-5, atol=1e-7)
-  cs.save_curvature(tmp_path / "dense", dense, meta)
+  # Stored eigendecomposed (once, float64): what every influence query then uses.
+  state = dense_state(dense)
+  np.testing.assert_allclose((state.eigvecs * state.eigvals) @ state.eigvecs.T, dense,
+                             atol=1e-6 * float(np.abs(dense).max()))
+  with pytest.raises(TypeError, match="DenseState"):
+    cs.save_curvature(tmp_path / "raw", dense, meta)  # a raw matrix is not a stored kind
+  cs.save_curvature(tmp_path / "dense", state, meta)
   loaded, got = cs.load_curvature(tmp_path / "dense", model_hash=meta["model_hash"])
   p = sum(x.size for x in jax.tree.leaves(params))
   assert got["kind"] == "dense" and got["num_parameters"] == p
-  _assert_identical(loaded, dense)
+  _assert_identical(loaded, state)
 
   with pytest.raises(FileExistsError, match="already holds a curvature"):
-    cs.save_curvature(tmp_path / "dense", dense, meta)
-  cs.save_curvature(tmp_path / "dense", 2 * dense, meta, overwrite=True)
-  _assert_identical(cs.load_curvature(tmp_path / "dense", params)[0], 2 * dense)
+    cs.save_curvature(tmp_path / "dense", state, meta)
+  doubled = dense_state(2 * dense)
+  cs.save_curvature(tmp_path / "dense", doubled, meta, overwrite=True)
+  _assert_identical(cs.load_curvature(tmp_path / "dense", params)[0], doubled)
 
 
 def test_refuses_another_model_and_bad_input(tiny_run, ekfac_dir, tmp_path):
@@ -157,7 +161,7 @@ def test_refuses_another_model_and_bad_input(tiny_run, ekfac_dir, tmp_path):
   with pytest.raises(ValueError, match="'ekfac' curvature, expected 'kfac'"):
     cs.load_curvature(out, params, kind="kfac")
   with pytest.raises(ValueError, match=r"meta\['model_hash'\] must be"):
-    cs.save_curvature(tmp_path / "x", jnp.eye(2), {"model_hash": "abc"})
+    cs.save_curvature(tmp_path / "x", dense_state(np.eye(2)), {"model_hash": "abc"})
   with pytest.raises(FileNotFoundError, match="no curvature in"):
     cs.load_curvature(tmp_path / "nothing", params)
 
@@ -194,6 +198,6 @@ def test_cli_refusals(tiny_run, ekfac_dir, tmp_path):
   with pytest.raises(ValueError, match=r"--approx dense .* P = [\d,]+ parameters, above the "
                                        r"limit of 5,000"):
     _cli(["fit-curvature", "--run", str(tiny_run), "--out", str(tmp_path / "d"), "--approx",
-          "dense", "--quiet"])
+          "dense", "--max-dense-params", "5000", "--quiet"])
   with pytest.raises(ValueError, match="already holds a curvature"):
     _cli(["fit-curvature", "--run", str(tiny_run), "--out", str(out), "--quiet"])

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from jattr.eval import ensemble_method
-from jattr.io import checkpoint, ensemble_cache, lds_cache
+from jattr.bench import ensemble_cache, ensemble_method, lds_cache
+from jattr.io import checkpoint
 from jattr.methods import ensembles
 from toy_models import TINY_LDS_SPEC, tiny_apply, tiny_init
 

@@ -12,8 +12,9 @@ import pytest
 from jattr.diffusion import draws as draws_lib
 from jattr.diffusion import measurements, schedules
 from jattr.features import ProjectionConfig, featurize
-from jattr.features import cli as features_cli
-from jattr.features import store_featurize as sf
+from jattr import cli, runs
+from jattr.io import hashing
+from jattr.runs import stores
 from jattr.io import feature_store as fs_lib
 from jattr.io.feature_store import FeatureStore
 
@@ -43,10 +44,10 @@ def problem():
   draws = draws_lib.fixed_draws(jax.random.key(0), 3, SHAPE, T)
   fn = measurements.measurement_fn("square_norm", apply_fn, schedules.linear(T), draws)
   x = _normal(2, 10, *SHAPE)
-  config = sf.feature_config(
-      params_hash=sf.model_hash(params), measurement="square_norm", num_draws=3,
+  config = fs_lib.feature_config(
+      params_hash=hashing.model_hash(params), measurement="square_norm", num_draws=3,
       timesteps="uniform", draw_seed=0, projection=PROJ, dataset="toy", num_examples=10,
-      examples_hash=sf.array_hash(np.arange(10)))
+      examples_hash=hashing.array_hash(np.arange(10)))
   return fn, params, x, config
 
 
@@ -87,7 +88,7 @@ def test_mixing_configurations_raises_naming_the_keys(tmp_path):
   with pytest.raises(ValueError, match="not a feature store"):
     FeatureStore.open(tmp_path / "x", config, num_rows=5, dim=3, chunk_rows=2)
   with pytest.raises(ValueError, match=r"draws\.seed: train 0, query 1"):
-    sf.check_compatible({"draws": {"seed": 0}, "model": 1, "measurement": 1, "projection": 1},
+    fs_lib.check_compatible({"draws": {"seed": 0}, "model": 1, "measurement": 1, "projection": 1},
                         {"draws": {"seed": 1}, "model": 1, "measurement": 1, "projection": 1})
 
 
@@ -97,7 +98,7 @@ def test_chunk_is_not_marked_complete_if_marking_fails(tmp_path, monkeypatch):
   def crash(path, doc):
     raise KeyboardInterrupt("killed between the data write and the sidecar write")
 
-  monkeypatch.setattr(fs_lib, "_write_json_atomic", crash)
+  monkeypatch.setattr(fs_lib.atomic, "write_json", crash)
   with pytest.raises(KeyboardInterrupt):
     store.write_chunk(0, np.ones((2, 2)))
   monkeypatch.undo()
@@ -107,15 +108,15 @@ def test_chunk_is_not_marked_complete_if_marking_fails(tmp_path, monkeypatch):
 def test_resumed_featurization_equals_uninterrupted(tmp_path, monkeypatch, problem):
   fn, params, x, config = problem
   calls = []
-  real_featurize = sf.featurize
+  real_featurize = stores.featurize
 
   def counting(fn_, params_, examples, proj, *, chunk_size):
     calls.append(np.asarray(examples)[0].copy())
     return real_featurize(fn_, params_, examples, proj, chunk_size=chunk_size)
 
-  monkeypatch.setattr(sf, "featurize", counting)
+  monkeypatch.setattr(stores, "featurize", counting)
   full = FeatureStore.open(tmp_path / "full", config, 10, PROJ.dim, chunk_rows=4)
-  sf.store_featurize(fn, params, x, PROJ, full, chunk_size=2, progress=False)
+  stores.store_featurize(fn, params, x, PROJ, full, chunk_size=2, progress=False)
   assert len(calls) == 3
   expected = np.asarray(featurize(fn, params, jnp.asarray(x), PROJ))
   np.testing.assert_allclose(full.read(), expected, rtol=1e-5, atol=1e-6)
@@ -129,12 +130,12 @@ def test_resumed_featurization_equals_uninterrupted(tmp_path, monkeypatch, probl
   monkeypatch.setattr(FeatureStore, "write_chunk", write_then_die)
   part = FeatureStore.open(tmp_path / "part", config, 10, PROJ.dim, chunk_rows=4)
   with pytest.raises(KeyboardInterrupt):
-    sf.store_featurize(fn, params, x, PROJ, part, chunk_size=2, progress=False)
+    stores.store_featurize(fn, params, x, PROJ, part, chunk_size=2, progress=False)
   monkeypatch.setattr(FeatureStore, "write_chunk", real_write)
   resumed = FeatureStore.open(tmp_path / "part", config, 10, PROJ.dim, chunk_rows=4)
   assert resumed.missing_chunks() == [1, 2]
   calls.clear()
-  sf.store_featurize(fn, params, x, PROJ, resumed, chunk_size=2, progress=False)
+  stores.store_featurize(fn, params, x, PROJ, resumed, chunk_size=2, progress=False)
   # Only chunks 1 (rows 4..7) and 2 (rows 8..9) were computed again.
   assert len(calls) == 2
   np.testing.assert_array_equal(calls[0], x[4])
@@ -149,20 +150,20 @@ def test_store_featurize_checks_the_store(tmp_path, problem):
   other = ProjectionConfig(dim=PROJ.dim, kind=PROJ.kind, seed=PROJ.seed + 1,
                            block_size=PROJ.block_size)
   with pytest.raises(ValueError, match="seed"):
-    sf.store_featurize(fn, params, x, other, store, progress=False)
+    stores.store_featurize(fn, params, x, other, store, progress=False)
   moved = jax.tree.map(lambda p: p + 1e-3, params)
   with pytest.raises(ValueError, match="params_sha256"):
-    sf.store_featurize(fn, moved, x, PROJ, store, progress=False)
+    stores.store_featurize(fn, moved, x, PROJ, store, progress=False)
   with pytest.raises(ValueError, match="N = store.num_rows = 10"):
-    sf.store_featurize(fn, params, x[:9], PROJ, store, progress=False)
+    stores.store_featurize(fn, params, x[:9], PROJ, store, progress=False)
 
 
 def test_model_hash():
   a = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
-  assert sf.model_hash(a) == sf.model_hash({"w": jnp.asarray(a["w"])})
-  assert sf.model_hash(a) != sf.model_hash({"w": a["w"].reshape(3, 2)})
-  assert sf.model_hash(a) != sf.model_hash({"v": a["w"]})
-  assert sf.model_hash(a) != sf.model_hash({"w": a["w"].astype(np.float64)})
+  assert hashing.model_hash(a) == hashing.model_hash({"w": jnp.asarray(a["w"])})
+  assert hashing.model_hash(a) != hashing.model_hash({"w": a["w"].reshape(3, 2)})
+  assert hashing.model_hash(a) != hashing.model_hash({"v": a["w"]})
+  assert hashing.model_hash(a) != hashing.model_hash({"w": a["w"].astype(np.float64)})
 
 
 @pytest.fixture(scope="module")
@@ -191,11 +192,8 @@ def tiny_run(tmp_path_factory):
 
 
 def _cli(argv):
-  parser = argparse.ArgumentParser()
-  sub = parser.add_subparsers(dest="command", required=True)
-  features_cli.add_featurize_parser(sub)
-  features_cli.add_score_parser(sub)
-  args = parser.parse_args(argv)
+  """Runs a jattr command as the CLI parses it; returns what the command returns."""
+  args = cli.build_parser().parse_args(argv)
   return args.func(args)
 
 
@@ -251,9 +249,9 @@ def test_held_out_queries_are_the_images_the_run_did_not_train_on(tiny_run):
   from jattr.runs import load_config, training_data
 
   cfg = load_config(tiny_run / "config.json")
-  x, info, digest = features_cli.query_examples(cfg, tiny_run, "test")
+  x, info, digest = runs.query_examples(cfg, tiny_run, "test")
   _, train_idx = training_data(cfg)
   held_out = np.array([i for i in range(1797) if i not in set(train_idx.tolist())])
   assert info == {"name": "digits", "split": "train_heldout"} and len(held_out) == 1797 - 24
   np.testing.assert_array_equal(x, load_digits().x[held_out])
-  assert digest == sf.array_hash(held_out)
+  assert digest == hashing.array_hash(held_out)

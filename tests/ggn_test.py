@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from jattr.curvature import diagonal, ggn
+from jattr.curvature import dense, diagonal, ggn
 from jattr.diffusion import draws as draws_lib
 from jattr.diffusion import schedules
 
@@ -48,7 +48,7 @@ def problem(n=5, k=3, seed=0):
 def test_matvec_equals_dense_ggn(x64):
   schedule, x0, draws, key = problem()
   params = mlp_params(key)
-  g = ggn.dense_ggn(mlp_apply, params, schedule, x0, draws)
+  g = dense.dense_ggn(mlp_apply, params, schedule, x0, draws)
   flat, unravel = ravel_pytree(params)
   v = jax.random.normal(jax.random.PRNGKey(7), flat.shape)
   for chunk in (None, 2):  # 5 examples in chunks of 2: padded and masked
@@ -56,31 +56,31 @@ def test_matvec_equals_dense_ggn(x64):
     np.testing.assert_allclose(ravel_pytree(gv)[0], g @ v, rtol=1e-10, atol=1e-12)
   assert np.linalg.eigvalsh(g).min() > -1e-12  # PSD
   # Summed over batches of 2 examples (the last one short): the same matrix.
-  np.testing.assert_allclose(ggn.dense_ggn(mlp_apply, params, schedule, x0, draws, batch_size=2),
+  np.testing.assert_allclose(dense.dense_ggn(mlp_apply, params, schedule, x0, draws, batch_size=2),
                              g, rtol=1e-12, atol=1e-14)
 
 
 def test_ggn_equals_hessian_for_linear_model(x64):
   schedule, x0, draws, key = problem()
   params = {"w": jax.random.normal(key, (D + 1, D)), "b": jnp.zeros(D)}
-  g = ggn.dense_ggn(linear_apply, params, schedule, x0, draws)
+  g = dense.dense_ggn(linear_apply, params, schedule, x0, draws)
   for parameterization in ("eps", "x0", "v"):
-    h = ggn.dense_hessian(linear_apply, params, schedule, x0, draws, parameterization)
+    h = dense.dense_hessian(linear_apply, params, schedule, x0, draws, parameterization)
     np.testing.assert_allclose(g, h, rtol=1e-10, atol=1e-12)
 
 
 def test_ggn_differs_from_hessian_for_nonlinear_model(x64):
   schedule, x0, draws, key = problem()
   params = mlp_params(key)
-  g = ggn.dense_ggn(mlp_apply, params, schedule, x0, draws)
-  h = ggn.dense_hessian(mlp_apply, params, schedule, x0, draws)
+  g = dense.dense_ggn(mlp_apply, params, schedule, x0, draws)
+  h = dense.dense_hessian(mlp_apply, params, schedule, x0, draws)
   assert np.abs(g - h).max() > 1e-3 * np.abs(h).max()
 
 
 def test_sqrt_grads_rebuild_ggn(x64):
   schedule, x0, draws, key = problem(n=3, k=2)
   params = mlp_params(key)
-  g = ggn.dense_ggn(mlp_apply, params, schedule, x0, draws)
+  g = dense.dense_ggn(mlp_apply, params, schedule, x0, draws)
   rows = ggn.ggn_sqrt_grads(mlp_apply, params, schedule, x0, draws, estimation_mode="ggn_exact",
                             chunk_size=5)
   r = jnp.concatenate([x.reshape(x.shape[0], -1) for x in jax.tree.leaves(rows)], axis=1)
@@ -97,7 +97,7 @@ def test_sqrt_grads_rebuild_ggn(x64):
 def test_diagonal_equals_dense_diagonal(x64):
   schedule, x0, draws, key = problem(n=4)
   params = mlp_params(key)
-  g = ggn.dense_ggn(mlp_apply, params, schedule, x0, draws)
+  g = dense.dense_ggn(mlp_apply, params, schedule, x0, draws)
   state = diagonal.fit_diagonal(mlp_apply, params, schedule, x0, draws, batch_size=2,
                                 estimation_mode="ggn_exact")
   np.testing.assert_allclose(ravel_pytree(state.diag)[0], np.diag(g), rtol=1e-10, atol=1e-12)
@@ -118,9 +118,9 @@ def test_diagonal_equals_dense_diagonal(x64):
 def test_dense_inverse_vp(x64):
   m = jnp.array([[2.0, 1.0], [1.0, 3.0]])
   v = {"a": jnp.array([1.0, -1.0])}
-  out = ggn.dense_inverse_vp(m, v, damping=0.5)
+  out = dense.dense_inverse_vp(m, v, damping=0.5)
   np.testing.assert_allclose((m + 0.5 * jnp.eye(2)) @ out["a"], v["a"], rtol=1e-12)
-  default = ggn.dense_inverse_vp(m, v)  # λ = 0.1·tr(M)/P = 0.25
+  default = dense.dense_inverse_vp(m, v)  # λ = 0.1·tr(M)/P = 0.25
   np.testing.assert_allclose((m + 0.25 * jnp.eye(2)) @ default["a"], v["a"], rtol=1e-12)
 
 
@@ -128,15 +128,15 @@ def test_bad_inputs_raise(x64):
   schedule, x0, draws, key = problem(n=2, k=2)
   params = mlp_params(key)
   with pytest.raises(ValueError, match="draws.eps must have shape"):
-    ggn.dense_ggn(mlp_apply, params, schedule, x0[:, :1], draws)
+    dense.dense_ggn(mlp_apply, params, schedule, x0[:, :1], draws)
   with pytest.raises(ValueError, match="batch_size must be >= 1"):
-    ggn.dense_ggn(mlp_apply, params, schedule, x0, draws, batch_size=0)
+    dense.dense_ggn(mlp_apply, params, schedule, x0, draws, batch_size=0)
   with pytest.raises(ValueError, match="v must have the tree structure"):
     ggn.ggn_matvec(mlp_apply, params, schedule, x0, draws, {"w": 1.0})
   with pytest.raises(ValueError, match="damping must be"):
-    ggn.dense_inverse_vp(jnp.eye(2), {"a": jnp.ones(2)}, damping=-1.0)
+    dense.dense_inverse_vp(jnp.eye(2), {"a": jnp.ones(2)}, damping=-1.0)
   with pytest.raises(ValueError, match=r"matrix must have shape \[P, P\] = \(2, 2\)"):
-    ggn.dense_inverse_vp(jnp.eye(3), {"a": jnp.ones(2)})
+    dense.dense_inverse_vp(jnp.eye(3), {"a": jnp.ones(2)})
   with pytest.raises(ValueError, match="estimation_mode must be one of"):
     ggn.ggn_sqrt_grads(mlp_apply, params, schedule, x0, draws, estimation_mode="exact")
   with pytest.raises(ValueError, match="needs a key"):

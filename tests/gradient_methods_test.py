@@ -11,7 +11,7 @@ from jattr import models
 from jattr.diffusion import draws as draws_lib
 from jattr.diffusion import measurements
 from jattr.diffusion import schedules
-from jattr.eval import gradient_methods as gm
+from jattr.bench import gradient_methods as gm
 from jattr.features import projection as proj
 from jattr.grads import per_example as pe
 

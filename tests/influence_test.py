@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from jattr.curvature import diagonal, ekfac, ggn, kfac
+from jattr.curvature import dense, diagonal, ekfac, ggn, kfac
+from jattr.curvature import inverse_vp_fn
 from jattr.diffusion import draws as draws_lib
 from jattr.diffusion import schedules
 from jattr.diffusion.measurements import measurement_fn
@@ -71,7 +72,7 @@ def test_influence_equals_leave_one_out_on_ridge(x64):
   measure = measurement_fn("mean", linear_apply, schedule, draws)  # linear in θ
   loo = loo_changes(schedule, x0, queries, draws, params, measure)
   p = ravel_pytree(params)[0].size
-  h = ggn.dense_hessian(linear_apply, params, schedule, x0, draws) + 2 * ALPHA * np.eye(p)
+  h = dense.dense_hessian(linear_apply, params, schedule, x0, draws) + 2 * ALPHA * np.eye(p)
   qg = per_example_grads(measure, params, queries)
   loss = measurement_fn("loss", linear_apply, schedule, draws)
   tg = per_example_grads(loss, params, x0)
@@ -79,9 +80,9 @@ def test_influence_equals_leave_one_out_on_ridge(x64):
   # The Newton step on J − ℓ_i/N is exact for a quadratic: with the leave-one-out
   # Hessian H − H_i/N, N·Δm is the influence score to rounding.
   for i in (0, 5, 11):
-    h_i = ggn.dense_hessian(linear_apply, params, schedule, x0[i:i + 1], draws)
+    h_i = dense.dense_hessian(linear_apply, params, schedule, x0[i:i + 1], draws)
     tau = inf.influence_scores(qg, jax.tree.map(lambda g: g[i:i + 1], tg),
-                               inf.inverse_vp_fn(h - h_i / N, damping=0.0))
+                               inverse_vp_fn(h - h_i / N, damping=0.0))
     np.testing.assert_allclose(tau[:, 0] / N, loo[:, i], rtol=1e-8, atol=1e-12)
 
   # The influence function drops H_i/N: equal to leave-one-out up to O(1/N).
@@ -114,7 +115,7 @@ def test_driver_matches_precomputed_gradients(x64):
   qg = per_example_grads(measure, params, queries)
   tg = per_example_grads(loss, params, x0)
   state = diagonal.DiagonalState(jax.tree.map(lambda x: jnp.abs(x) + 0.1, params))
-  expected = inf.influence_scores(qg, tg, inf.inverse_vp_fn(state, 0.2), tile=(2, 5))
+  expected = inf.influence_scores(qg, tg, inverse_vp_fn(state, 0.2), tile=(2, 5))
   got = inf.influence(linear_apply, params, schedule, draws, x0, queries, state,
                       measurement="square_norm", damping=0.2, tile_size=5, chunk_size=4)
   np.testing.assert_allclose(got, expected, rtol=1e-10)
@@ -131,32 +132,32 @@ def test_driver_matches_precomputed_gradients(x64):
 def test_damping_factor_scales_the_default(x64):
   """damping_factor c gives λ = c × the mean eigenvalue (dense) or of diag(G) (diagonal)."""
   schedule, x0, queries, draws, params = setup()
-  m = ggn.dense_ggn(linear_apply, params, schedule, x0, draws)
+  m = dense.dense_ggn(linear_apply, params, schedule, x0, draws)
   v = jax.tree.map(lambda p: jnp.arange(p.size, dtype=p.dtype).reshape(p.shape) / p.size, params)
   flat, _ = ravel_pytree(v)
   p = flat.size
   for c in (0.01, 0.3):
-    got = ravel_pytree(inf.inverse_vp_fn(m, damping_factor=c)(v))[0]
+    got = ravel_pytree(inverse_vp_fn(m, damping_factor=c)(v))[0]
     want = np.linalg.solve(m + c * np.trace(m) / p * np.eye(p), flat)
     np.testing.assert_allclose(got, want, rtol=1e-10)
   state = diagonal.fit_diagonal(linear_apply, params, schedule, x0, draws,
                                 estimation_mode="ggn_exact")
   d = ravel_pytree(state.diag)[0]
-  got = ravel_pytree(inf.inverse_vp_fn(state, damping_factor=2.0)(v))[0]
+  got = ravel_pytree(inverse_vp_fn(state, damping_factor=2.0)(v))[0]
   np.testing.assert_allclose(got, flat / (d + 2.0 * d.mean()), rtol=1e-10)
   # The explicit λ wins over the factor; the factor must be positive.
-  got = ravel_pytree(inf.inverse_vp_fn(state, damping=0.5, damping_factor=2.0)(v))[0]
+  got = ravel_pytree(inverse_vp_fn(state, damping=0.5, damping_factor=2.0)(v))[0]
   np.testing.assert_allclose(got, flat / (d + 0.5), rtol=1e-10)
   with pytest.raises(ValueError, match="damping_factor must be > 0"):
-    inf.inverse_vp_fn(state, damping_factor=0.0)
+    inverse_vp_fn(state, damping_factor=0.0)
 
 
 def test_bad_inputs_raise(x64):
   schedule, x0, queries, draws, params = setup()
   with pytest.raises(ValueError, match="damping must be"):
-    inf.inverse_vp_fn(None, damping=-1.0)
+    inverse_vp_fn(None, damping=-1.0)
   with pytest.raises(TypeError, match="curvature must be None, a KfacState"):
-    inf.inverse_vp_fn("kfac")
+    inverse_vp_fn("kfac")
   with pytest.raises(ValueError, match=r"train_x0 must have shape \[N, 2, 2, 1\]"):
     inf.influence(linear_apply, params, schedule, draws, x0[:, :1], queries)
   with pytest.raises(ValueError, match=r"query_x0 must have shape"):

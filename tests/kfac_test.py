@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from jattr.curvature import ekfac, ggn, kfac
+from jattr.curvature import dense, ekfac, ggn, kfac, kfac_blocks
 from jattr.diffusion import draws as draws_lib
 from jattr.diffusion import schedules
 
@@ -81,13 +81,13 @@ def block_errors(dense, approx, params, layout):
 
 
 def dense_kfac(state, params):
-  return ggn.dense_operator(functools.partial(kfac.kfac_matvec, state), params)
+  return dense.dense_operator(functools.partial(kfac.kfac_matvec, state), params)
 
 
 def test_kfac_exact_for_one_example_draw(x64):
   schedule, x0, draws, key = problem(1, 1, (2, 2, 1))
   params = mlp_params(key)
-  g = ggn.dense_ggn(mlp_apply, params, schedule, x0, draws)
+  g = dense.dense_ggn(mlp_apply, params, schedule, x0, draws)
   state = kfac.fit_kfac(mlp_apply, params, schedule, x0, draws, **EXACT)
   assert [lay.kind for lay in state.layout] == ["kronecker", "kronecker"]
   np.testing.assert_allclose(block_errors(g, dense_kfac(state, params), params, state.layout),
@@ -99,7 +99,7 @@ def test_kfac_is_kronecker_of_expectations(x64):
   # the last layer stays exact because its g = √(2/D) e_o is the same for every pair.
   schedule, x0, draws, key = problem(4, 2, (2, 2, 1))
   params = mlp_params(key)
-  g = ggn.dense_ggn(mlp_apply, params, schedule, x0, draws)
+  g = dense.dense_ggn(mlp_apply, params, schedule, x0, draws)
   state = kfac.fit_kfac(mlp_apply, params, schedule, x0, draws, batch_size=2, **EXACT)
   hidden, last = block_errors(g, dense_kfac(state, params), params, state.layout)
   assert hidden > 1e-2
@@ -125,7 +125,7 @@ def test_weight_sharing_expand_and_reduce(x64, apply_fn, shape, exact, inexact):
   base = getattr(apply_fn, "func", apply_fn)
   wshape = (c + 1, c) if base is pixel_apply else (2, 2, c + 1, c)
   params = {"w": jax.random.normal(key, wshape), "b": jnp.full((c,), 0.3)}
-  g = ggn.dense_ggn(apply_fn, params, schedule, x0, draws)
+  g = dense.dense_ggn(apply_fn, params, schedule, x0, draws)
   state = kfac.fit_kfac(apply_fn, params, schedule, x0, draws, weight_sharing=exact, **EXACT)
   assert len(state.layout) == 1 and state.layout[0].kind == "kronecker"
   [err] = block_errors(g, dense_kfac(state, params), params, state.layout)
@@ -163,7 +163,7 @@ def test_conv_expand_block_equals_kfac_jax_block(x64, monkeypatch, padding, bias
   apply_fn = functools.partial(strided_conv_apply, padding=padding)
   if chunked:
     # 3 float64 pairs of 2x2 output locations (stride 2) x 3x3x5 patch entries.
-    monkeypatch.setattr(kfac, "PATCH_CHUNK_BYTES", 3 * 8 * 4 * 3 * 3 * 5)
+    monkeypatch.setattr(kfac_blocks, "PATCH_CHUNK_BYTES", 3 * 8 * 4 * 3 * 3 * 5)
   ours = kfac.fit_kfac(apply_fn, params, schedule, x0, draws, batch_size=2, **EXACT)
   monkeypatch.setattr(kfac, "Conv2DExpand", kfac_jax.Conv2DTwoKroneckerFactored)
   theirs = kfac.fit_kfac(apply_fn, params, schedule, x0, draws, batch_size=2, **EXACT)
@@ -193,11 +193,11 @@ def test_grouped_conv_falls_back_to_a_diagonal_block_with_a_warning(x64):
 def test_ekfac_never_worse_than_kfac(x64, seed):
   schedule, x0, draws, key = problem(4, 2, (2, 2, 1), seed=seed)
   params = mlp_params(key)
-  g = ggn.dense_ggn(mlp_apply, params, schedule, x0, draws)
+  g = dense.dense_ggn(mlp_apply, params, schedule, x0, draws)
   k_state = kfac.fit_kfac(mlp_apply, params, schedule, x0, draws, **EXACT)
   e_state = ekfac.fit_ekfac(mlp_apply, params, schedule, x0, draws, k_state, batch_size=2,
                             **EXACT)
-  dense_e = ggn.dense_operator(functools.partial(ekfac.ekfac_matvec, e_state), params)
+  dense_e = dense.dense_operator(functools.partial(ekfac.ekfac_matvec, e_state), params)
   k_err = block_errors(g, dense_kfac(k_state, params), params, k_state.layout)
   e_err = block_errors(g, dense_e, params, e_state.layout)
   assert all(e <= k + 1e-12 for e, k in zip(e_err, k_err)), (e_err, k_err)
@@ -225,8 +225,8 @@ def test_inverse_vp_matches_dense_solve(x64):
   v = jax.random.normal(jax.random.PRNGKey(3), flat.shape)
   for state, matvec, inverse_vp in ((k_state, kfac.kfac_matvec, kfac.kfac_inverse_vp),
                                     (e_state, ekfac.ekfac_matvec, ekfac.ekfac_inverse_vp)):
-    dense = ggn.dense_operator(functools.partial(matvec, state), params)
-    expected = np.linalg.solve(dense + 0.3 * np.eye(flat.size), v)
+    matrix = dense.dense_operator(functools.partial(matvec, state), params)
+    expected = np.linalg.solve(matrix + 0.3 * np.eye(flat.size), v)
     got = jax.jit(inverse_vp)(state, unravel(v), 0.3)  # the state is a pytree
     np.testing.assert_allclose(ravel_pytree(got)[0], expected, rtol=1e-9, atol=1e-12)
     default = inverse_vp(state, unravel(v))  # per-block 0.1 × mean eigenvalue
@@ -259,7 +259,7 @@ def test_generic_parameters_get_the_per_example_diagonal(x64):
 
   schedule, x0, draws, key = problem(4, 2, (2, 2, 1))
   params = {"m": mlp_params(key), "s": jnp.array([0.1, -0.2, 0.3, 0.0])}
-  g = np.diag(ggn.dense_ggn(scaled_apply, params, schedule, x0, draws))[-4:]
+  g = np.diag(dense.dense_ggn(scaled_apply, params, schedule, x0, draws))[-4:]
   diag = {}
   for mode in ("per_example", "kfac_jax"):
     state = kfac.fit_kfac(scaled_apply, params, schedule, x0, draws, batch_size=2,

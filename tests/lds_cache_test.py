@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jattr.io import checkpoint
-from jattr.io import lds_cache
+from jattr.bench import lds_cache
 from toy_models import TINY_LDS_SPEC as SPEC
 from toy_models import tiny_apply, tiny_init
 
@@ -112,7 +112,7 @@ def test_spec_hash_and_validation(tmp_path):
 
 
 def test_run_lds_prints_table_and_writes_record(built, tmp_path, monkeypatch, capsys):
-  from jattr.eval import cli
+  from jattr.bench import drivers as cli
 
   _, cache = built
   monkeypatch.setattr(cli, "build_cache", lambda config, progress=True: cache)
@@ -140,22 +140,18 @@ def test_run_lds_prints_table_and_writes_record(built, tmp_path, monkeypatch, ca
 
 
 def test_cli_parsers():
-  import argparse
+  from jattr import cli
+  from jattr.cli import lds
 
-  from jattr.eval import cli
-
-  parser = argparse.ArgumentParser()
-  sub = parser.add_subparsers(dest="command")
-  cli.add_lds_parser(sub)
-  cli.add_counterfactual_parser(sub)
+  parser = cli.build_parser()
   args = parser.parse_args(["lds", "--config", "c.json", "--method", "random",
                             "--scores", "trak=t.npz"])
-  assert args.func is cli._lds_main and args.method == ["random"]
-  assert cli._parse_scores(args.scores) == {"trak": "t.npz"}
+  assert args.func is lds.cmd_lds and args.method == ["random"]
+  assert lds.parse_scores(args.scores) == {"trak": "t.npz"}
   args = parser.parse_args(["counterfactual", "--config", "c.json", "--ks", "10", "50"])
-  assert args.func is cli._counterfactual_main and args.ks == [10, 50]
+  assert args.func is lds.cmd_counterfactual and args.ks == [10, 50]
   with pytest.raises(ValueError, match="NAME=PATH"):
-    cli._parse_scores(["oops"])
+    lds.parse_scores(["oops"])
 
 
 def test_gradient_methods_match_exact_gradients(built, x64):
@@ -165,7 +161,7 @@ def test_gradient_methods_match_exact_gradients(built, x64):
 
   from jattr.diffusion import draws as draws_lib
   from jattr.diffusion.measurements import measurement_fn
-  from jattr.eval import gradient_methods as gm
+  from jattr.bench import gradient_methods as gm
   from jattr.grads.per_example import per_example_flat_grads
 
   _, cache = built
@@ -195,8 +191,8 @@ def test_gradient_methods_match_exact_gradients(built, x64):
 
 def test_influence_methods_match_the_library_call(built):
   """The harness's cached-gradient influence equals ``methods.influence.influence``."""
-  from jattr.curvature import ggn
-  from jattr.eval import curvature_methods as cm
+  from jattr.curvature import dense
+  from jattr.bench import curvature_methods as cm
   from jattr.methods.influence import influence
 
   _, cache = built
@@ -216,7 +212,7 @@ def test_influence_methods_match_the_library_call(built):
   # The dense GGN, eigendecomposed once, against the library's dense solve.
   dense_fn, _ = cm.influence_method(cache, approx="dense", num_draws=3, batch_size=5,
                                     grid=(0.01, 1.0))
-  g = ggn.dense_ggn(cache.apply_fn, cache.full_params, cache.schedule, train, draws)
+  g = dense.dense_ggn(cache.apply_fn, cache.full_params, cache.schedule, train, draws)
   for h in grid:
     want = influence(cache.apply_fn, cache.full_params, cache.schedule, draws, train,
                      jnp.asarray(queries.images), g, damping_factor=h["damping_factor"])
@@ -234,7 +230,7 @@ def test_influence_methods_match_the_library_call(built):
   np.testing.assert_allclose(block_fn({"damping_factor": 0.01}, queries), want, rtol=2e-3,
                              atol=1e-5)
   with pytest.MonkeyPatch.context() as mp, pytest.raises(ValueError,
-                                                        match="above MAX_DENSE_PARAMS = 10"):
+                                                        match="above the limit of 10 "):
     mp.setattr(cm, "MAX_DENSE_PARAMS", 10)  # refused before any fitting
     cm.fit_curvature(cache, approx="dense", num_draws=3)
   dot_fn, dot_grid = cm.influence_method(cache, approx="identity", num_draws=3, tune=False)

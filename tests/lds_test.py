@@ -8,6 +8,7 @@ import scipy.stats
 
 from jattr import diffusion
 from jattr.eval import lds as lds_lib
+from jattr.eval import measure, selection
 
 
 def _tiny_apply(params, x, t):
@@ -120,22 +121,22 @@ def test_measure_loss_matches_loop_over_draws():
   images = jax.random.uniform(jax.random.key(0), (5, 4, 4, 1), minval=-1, maxval=1)
   draws = diffusion.fixed_draws(jax.random.key(1), 7, (4, 4, 1), 50)
   params = {"w": jnp.float32(0.7), "b": jnp.float32(0.2)}
-  got = lds_lib.measure_loss(_tiny_apply, params, sched, images, draws, query_chunk=2)
+  got = measure.measure_loss(_tiny_apply, params, sched, images, draws, query_chunk=2)
   for q in range(5):
     per_draw = [diffusion.per_example_loss(_tiny_apply, params, sched, images[q:q + 1],
                                            draws.t[k:k + 1], draws.eps[k:k + 1])[0]
                 for k in range(7)]
     np.testing.assert_allclose(got[q], np.mean(per_draw), rtol=1e-5)
   stacked = {"w": jnp.array([0.7, -0.3]), "b": jnp.array([0.2, 0.1])}
-  y = lds_lib.measure_members(_tiny_apply, stacked, sched, images, draws)
+  y = measure.measure_members(_tiny_apply, stacked, sched, images, draws)
   assert y.shape == (5, 2)
   np.testing.assert_allclose(y[:, 0], got, rtol=1e-5)
   with pytest.raises(ValueError, match="draws' image"):
-    lds_lib.measure_loss(_tiny_apply, params, sched, images[:, :2], draws)
+    measure.measure_loss(_tiny_apply, params, sched, images[:, :2], draws)
 
 
 def _split(name, images, y):
-  return lds_lib.QuerySet(lds_lib.Queries(name, images), y)
+  return selection.QuerySet(selection.Queries(name, images), y)
 
 
 def _selection_problem():
@@ -164,7 +165,7 @@ def test_select_chooses_on_validation_and_scores_test_once():
     return truth[name] + h["noise"] * rng.normal(size=truth[name].shape)
 
   grid = [{"noise": 10.0}, {"noise": 0.0}, {"noise": 1.0}]
-  rep = lds_lib.select_and_evaluate("oracle", score_fn, grid, masks, splits["validation"][0],
+  rep = selection.select_and_evaluate("oracle", score_fn, grid, masks, splits["validation"][0],
                                     [splits["test"][0], splits["generated"][0]],
                                     num_resamples=100)
   assert rep.selected_on == "validation"
@@ -177,7 +178,7 @@ def test_select_chooses_on_validation_and_scores_test_once():
   assert set(rep.ceilings) == {"test", "generated"}
   record = rep.to_dict()
   assert record["selected_on"] == "validation" and record["chosen"] == {"noise": 0.0}
-  table = lds_lib.results_table([rep])
+  table = selection.results_table([rep])
   assert "oracle" in table and "noise ceiling" in table
 
 
@@ -186,17 +187,17 @@ def test_select_refuses_to_report_selection_queries():
   val, test = splits["validation"][0], splits["test"][0]
   fn = lambda h, q: np.zeros((q.images.shape[0], masks.shape[1]))  # noqa: E731
   with pytest.raises(ValueError, match="cannot also be reported"):
-    lds_lib.select_and_evaluate("m", fn, [{}], masks, val, [val])
+    selection.select_and_evaluate("m", fn, [{}], masks, val, [val])
   with pytest.raises(ValueError, match="selected on the 'validation' split only"):
-    lds_lib.select_and_evaluate("m", fn, [{}], masks, test, [val])
+    selection.select_and_evaluate("m", fn, [{}], masks, test, [val])
   leaky = _split("test", np.concatenate([test.queries.images, val.queries.images[:1]]),
                  np.concatenate([test.y, val.y[:1]]))
   with pytest.raises(ValueError, match="shares images"):
-    lds_lib.select_and_evaluate("m", fn, [{}], masks, val, [leaky])
+    selection.select_and_evaluate("m", fn, [{}], masks, val, [leaky])
   with pytest.raises(ValueError, match="expected"):
-    lds_lib.select_and_evaluate("m", lambda h, q: np.zeros((2, 2)), [{}], masks, val, [test])
+    selection.select_and_evaluate("m", lambda h, q: np.zeros((2, 2)), [{}], masks, val, [test])
   with pytest.raises(ValueError, match="grid is empty"):
-    lds_lib.select_and_evaluate("m", fn, [], masks, val, [test])
+    selection.select_and_evaluate("m", fn, [], masks, val, [test])
 
 
 def test_lds_keeps_precision_for_large_sums():

@@ -181,30 +181,30 @@ def test_lds_method_shares_unlearning_between_mucs_and_independent_noise(problem
                                                                          monkeypatch):
   from types import SimpleNamespace
 
-  from jattr.eval.lds import Queries
-  from jattr.methods import unlearning_cli
+  from jattr.bench import mucs_method
+  from jattr.eval.selection import Queries
 
   params, data, queries, _, _ = problem
   cache = SimpleNamespace(directory=tmp_path, apply_fn=mlp_apply, full_params=params,
                           init_fn=mlp_init, schedule=SCHED, train_images=np.asarray(data),
-                          train_config=TrainConfig())
+                          train_config=TrainConfig(), memo={})
   opts = dict(num_draws=8, null_models=2, query_chunk=2, train_chunk=8)
   hp = {"learning_rate": 0.01, "num_steps": 10, "retain_batch_size": 8}
   q = Queries("validation", np.asarray(queries))
   calls = []
-  real = unlearning_cli.mucs_attribute
-  monkeypatch.setattr(unlearning_cli, "mucs_attribute",
+  real = mucs_method.mucs_attribute
+  monkeypatch.setattr(mucs_method, "mucs_attribute",
                       lambda *a, **k: calls.append(k["variant"]) or real(*a, **k))
   scores = {}
   for v in ("mucs", "independent_noise"):
-    score_fn, grid = unlearning_cli.mucs_lds_method(cache, v, grid=[hp], **opts)
+    score_fn, grid = mucs_method.mucs_lds_method(cache, v, grid=[hp], **opts)
     assert grid == [hp]
     scores[v] = score_fn(hp, q)
   assert calls == ["mucs"]  # the ablation reused the unlearned models
   for v in ("mucs", "independent_noise"):
     direct, _ = real(mlp_apply, params, mlp_init, SCHED, data, queries, variant=v,
-                     config=unlearning_cli.variant_config(v, **hp), draw_seed=1, **opts)
+                     config=mucs.variant_config(v, **hp), draw_seed=1, **opts)
     np.testing.assert_allclose(scores[v], direct, rtol=1e-4, atol=1e-6)
   assert not np.allclose(scores["mucs"], scores["independent_noise"])
-  assert set(unlearning_cli.LDS_VARIANTS) == {"mucs", "mucs_independent_noise", "mucs_no_bound",
+  assert set(mucs_method.LDS_VARIANTS) == {"mucs", "mucs_independent_noise", "mucs_no_bound",
                                               "unlearning_baseline"}

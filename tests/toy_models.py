@@ -4,7 +4,7 @@ and a tiny LDS benchmark spec built on it."""
 import jax
 import jax.numpy as jnp
 
-from jattr.io import lds_cache
+from jattr.bench import lds_cache
 
 
 def tiny_init(key, c=1, hidden=4):

@@ -119,11 +119,11 @@ def test_train_resume_after_interruption_is_identical(tmp_path, monkeypatch):
   restore = _kill_after_first_save(monkeypatch)
   with pytest.raises(_Killed):
     train(tiny_apply, tiny_init(init_key), SCHED, data, CFG, train_key,
-          checkpoint_dir=tmp_path / "ck", progress=False)
+          checkpointer=checkpoint.Checkpointer(tmp_path / "ck"), progress=False)
   assert checkpoint.latest_step(tmp_path / "ck") == 3
   restore()
   out, losses = train(tiny_apply, tiny_init(init_key), SCHED, data, CFG, train_key,
-                      checkpoint_dir=tmp_path / "ck", progress=False)
+                      checkpointer=checkpoint.Checkpointer(tmp_path / "ck"), progress=False)
   np.testing.assert_array_equal(losses, ref_losses)
   jax.tree.map(np.testing.assert_array_equal, out, ref)
 
@@ -134,9 +134,9 @@ def test_train_many_resume_after_interruption_is_identical(tmp_path, monkeypatch
   ref = train_many(*args, strategy="map", progress=False)
   restore = _kill_after_first_save(monkeypatch)
   with pytest.raises(_Killed):
-    train_many(*args, strategy="map", checkpoint_dir=tmp_path / "ck", progress=False)
+    train_many(*args, strategy="map", checkpointer=checkpoint.Checkpointer(tmp_path / "ck"), progress=False)
   restore()
-  out = train_many(*args, strategy="map", checkpoint_dir=tmp_path / "ck", progress=False)
+  out = train_many(*args, strategy="map", checkpointer=checkpoint.Checkpointer(tmp_path / "ck"), progress=False)
   np.testing.assert_array_equal(out.losses, ref.losses)
   jax.tree.map(np.testing.assert_array_equal, out.state, ref.state)
 
@@ -145,11 +145,11 @@ def test_resume_refuses_a_different_job(tmp_path):
   data = make_data()
   init_key, train_key = member_keys(0)
   train(tiny_apply, tiny_init(init_key), SCHED, data, CFG, train_key,
-        checkpoint_dir=tmp_path, progress=False)
+        checkpointer=checkpoint.Checkpointer(tmp_path), progress=False)
   other = TrainConfig(**{**CFG.__dict__, "learning_rate": 0.5})
   with pytest.raises(ValueError, match="different job"):
     train(tiny_apply, tiny_init(init_key), SCHED, data, other, train_key,
-          checkpoint_dir=tmp_path, progress=False)
+          checkpointer=checkpoint.Checkpointer(tmp_path), progress=False)
 
 
 def test_subset_validation_errors():

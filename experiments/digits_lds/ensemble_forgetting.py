@@ -25,8 +25,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jattr.eval.cli import build_cache, load_config  # noqa: E402
-from jattr.io import ensemble_cache, images, lds_cache  # noqa: E402
+from jattr.bench import build_cache, ensemble_cache, lds_cache, load_config  # noqa: E402
+from jattr.cli.progress import TqdmProgress  # noqa: E402
+from jattr.io import images  # noqa: E402
 from jattr.methods import ensembles  # noqa: E402
 
 
@@ -46,11 +47,11 @@ def main():
   p.add_argument("--members", type=int, default=8)
   args = p.parse_args()
 
-  cache = build_cache(load_config(args.config), progress=False)
+  cache = build_cache(load_config(args.config))
   spec = ensemble_cache.EnsembleSpec(num_members=args.members, design="binary_code",
                                      group_by="class", seed=2)
   t0 = time.perf_counter()
-  ens = ensemble_cache.build(cache, spec, progress=True)
+  ens = ensemble_cache.build(cache, spec, progress=TqdmProgress())
   labels = ensemble_cache.train_labels(cache)
   shape = tuple(cache.train_images.shape[1:])
   sample = lds_cache.make_sample_fn(ensembles.ensemble_apply_fn(cache.apply_fn), cache.spec,

@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattr.diffusion import samplers
-from jattr.eval import cli
+from jattr import bench
 from jattr.eval.lds import lds_per_query, noise_ceiling, summarize
 from jattr.features.projection import ProjectionConfig
-from jattr.io import lds_cache
+from jattr.bench import lds_cache
 from jattr.methods.trak import journey_trak_scores
 
 HERE = pathlib.Path(__file__).parent
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   t0 = time.perf_counter()
-  cache = cli.build_cache(cli.load_config(args.config), progress=False)
+  cache = bench.build_cache(bench.load_config(args.config))
   gen = cache.splits["generated"]
   q = min(args.num_queries, gen.y.shape[0])
   traj = trajectories(cache, q)

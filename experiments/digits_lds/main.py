@@ -7,13 +7,14 @@
 Run from the repository root. Builds (or reuses) the retrained-subset cache under
 the config's ``cache_root``, prints the LDS table with noise ceilings and writes the
 record to the config's ``results``. All the substance is in ``jattr.eval`` and
-``jattr.io.lds_cache``; see docs/evaluation.md.
+``jattr.bench``; see docs/evaluation.md.
 """
 
 import argparse
 import pathlib
 
-from jattr.eval import cli
+from jattr import bench
+from jattr.cli.progress import TqdmProgress
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -25,10 +26,11 @@ def main() -> None:
                       help="also run the config's counterfactual evaluation")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args()
-  config = cli.load_config(args.config)
-  cli.run_lds(config, progress=not args.no_progress)
+  config = bench.load_config(args.config)
+  progress = None if args.no_progress else TqdmProgress()
+  bench.run_lds(config, progress=progress)
   if args.counterfactual:
-    cli.run_counterfactual(config, progress=not args.no_progress)
+    bench.run_counterfactual(config, progress=progress)
 
 
 if __name__ == "__main__":

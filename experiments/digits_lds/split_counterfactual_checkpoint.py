@@ -21,11 +21,10 @@ import pathlib
 import jax
 import numpy as np
 
-from jattr.eval.cli import build_cache, load_config
+from jattr.bench import build_cache, load_config
+from jattr.bench.lds_cache import abstract_state
 from jattr.io import checkpoint
-from jattr.io.lds_cache import _abstract_state
-from jattr.train.loop import _config_dict
-from jattr.train.many import _digest, make_subsets
+from jattr.train import config_dict, make_subsets, subsets_digest
 
 
 def main():
@@ -35,7 +34,7 @@ def main():
   p.add_argument("--removed", required=True, help="the method's counterfactual .npz")
   p.add_argument("--random-seed", type=int, default=0)
   args = p.parse_args()
-  cache = build_cache(load_config(args.config), progress=False)
+  cache = build_cache(load_config(args.config))
   with np.load(args.removed) as z:
     removed, ks = z["removed"], [int(k) for k in z["ks"]]
   q, n = removed.shape[2], cache.masks.shape[1]
@@ -47,7 +46,7 @@ def main():
   src.rename(combined)
   config = cache.train_config
   num = 2 * len(ks) * q
-  state, meta, step = checkpoint.restore(combined, _abstract_state(cache.init_fn, config, num))
+  state, meta, step = checkpoint.restore(combined, abstract_state(cache.init_fn, config, num))
   losses = np.asarray(meta["losses"], np.float32)
   masks = np.ones((2, len(ks), q, n), bool)
   for kind in range(2):
@@ -59,8 +58,8 @@ def main():
       (control, {"counterfactual_control": ks, "random_seed": args.random_seed})]):
     m = masks[kind].reshape(-1, n)
     half = slice(kind * num // 2, (kind + 1) * num // 2)
-    job = {"kind": "train_many", "config": _config_dict(config), "seeds": [seed] * m.shape[0],
-           "subsets": _digest(make_subsets(m, n)), **extra}
+    job = {"kind": "train_many", "config": config_dict(config), "seeds": [seed] * m.shape[0],
+           "subsets": subsets_digest(make_subsets(m, n)), **extra}
     checkpoint.save(dst, step, jax.tree.map(lambda a: a[half], state),
                     {"job": job, "losses": losses[half].tolist(), "strategy": meta["strategy"]})
     print(f"wrote {dst} ({m.shape[0]} members, step {step})")

@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from jattr.eval import cli
-from jattr.eval import gradient_methods as gm
+from jattr import bench
+from jattr.bench import gradient_methods as gm
 
 FEATURIZERS = {
     "dense (all params, k=4096)": lambda cache, m: gm.feature_fn(cache, measurement=m),
@@ -34,8 +34,8 @@ def timed(f, images):
 
 
 def main(measurement: str) -> None:
-  config = cli.load_config("experiments/digits_lds/config_digits.json")
-  cache = cli.build_cache(config, progress=False)
+  config = bench.load_config("experiments/digits_lds/config_digits.json")
+  cache = bench.build_cache(config)
   images = cache.train_images
   for name, make in FEATURIZERS.items():
     f = make(cache, measurement)

@@ -4,7 +4,8 @@ K-FAC (``jattr.curvature.kfac``) approximates a layer's GGN block by A ⊗ G. It
 eigenvectors are Q_A ⊗ Q_G and its eigenvalues s_A,i s_G,j. EK-FAC keeps the
 eigenvectors and replaces the eigenvalues by the exact second moments of the GGN
 rows in that basis: with a layer's row γ_r laid out as a matrix M_r [d_in(+1), d_out]
-(kfac-jax's layout; the brief's Q_Gᵀ ∇W Q_A for W [d_out, d_in], transposed),
+(kfac-jax's layout; in the d_out × d_in convention for W it is Q_Gᵀ ∇W Q_A,
+transposed),
 
     Λ_ij = 1/(N K) Σ_r ((Q_Aᵀ M_r Q_G)_ij)²,
     G_block ≈ (Q_A ⊗ Q_G) diag(Λ) (Q_A ⊗ Q_G)ᵀ.

@@ -35,14 +35,12 @@ from typing import Callable, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
-from tqdm.auto import tqdm
 
 from jattr import host_memory
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.losses import per_example_loss, target
 from jattr.diffusion.schedules import Schedule, q_sample
-from jattr.grads.per_example import per_example_grads
+from jattr.grads.per_example import per_example_grads, to_chunks
 from jattr.types import ApplyFn, Parameterization, Params
 
 EstimationMode = Literal["ggn_exact", "ggn_curvature_prop", "fisher_gradients",
@@ -149,7 +147,7 @@ def ggn_matvec(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws:
     draws: the K fixed (t, ε) draws.
     v: a vector, a pytree shaped like ``params``.
     chunk_size: examples per jvp/vjp (each with all K draws); ``None`` takes all N
-      at once. The last chunk is padded and masked.
+      at once. The last chunk is padded and masked (``jattr.grads.to_chunks``).
 
   Returns:
     G v, shaped like ``params``.
@@ -163,11 +161,8 @@ def ggn_matvec(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws:
   chunk = n if chunk_size is None else int(chunk_size)
   if chunk < 1:
     raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-  num_chunks = -(-n // chunk)
-  pad = num_chunks * chunk - n
-  xs = jnp.concatenate([x0, jnp.zeros((pad,) + x0.shape[1:], x0.dtype)])
-  xs = xs.reshape((num_chunks, chunk) + x0.shape[1:])
-  mask = (jnp.arange(num_chunks * chunk) < n).astype(x0.dtype).reshape(num_chunks, chunk)
+  xs, mask = to_chunks(x0, chunk)
+  mask = mask.astype(x0.dtype)
 
   def one_chunk(total, chunk_data):
     xc, mc = chunk_data
@@ -181,104 +176,6 @@ def ggn_matvec(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws:
 
   scan = jax.jit(lambda zeros, xs, mask: jax.lax.scan(one_chunk, zeros, (xs, mask))[0])
   return scan(jax.tree.map(jnp.zeros_like, params), xs, mask)
-
-
-def dense_ggn(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws, *,
-              batch_size: int | None = None, progress: bool = False):
-  """G as a dense [P, P] matrix, 2/(D N K) Σ_{i,k} J_ikᵀ J_ik (small models only).
-
-  Rows and columns follow ``ravel_pytree(params)``. Run under float64 for a
-  reference. Each pair's Jacobian J_ik [D, P] is built by reverse mode (D
-  cotangents; forward mode when P < D), and the sum runs ``batch_size`` examples
-  at a time, so J exists for one batch of pairs only: [batch · K · D, P].
-
-  Args:
-    apply_fn, params, schedule: as in ``ggn_matvec``.
-    x0: training images [N, H, W, C].
-    draws: the K fixed (t, ε) draws.
-    batch_size: examples per batch (None: all N at once).
-    progress: show a progress bar over the batches.
-
-  Returns:
-    G, shape [P, P].
-  """
-  check_examples(x0, draws)
-  flat, unravel = ravel_pytree(params)
-  dim = math.prod(x0.shape[1:])
-  jacobian = jax.jacrev if dim < flat.size else jax.jacfwd
-
-  def pair_jacobian(flat, x, t, eps):  # J_ik, [D, P]
-    return jacobian(lambda f: _outputs(apply_fn, unravel(f), schedule, x[None], t[None],
-                                       eps[None]).reshape(-1))(flat)
-
-  @jax.jit
-  def ggn_sum(flat, xb, tb, eb):  # Σ over the batch's pairs of J_ikᵀ J_ik
-    jac = jax.vmap(pair_jacobian, (None, 0, 0, 0))(flat, xb, tb, eb).reshape(-1, flat.size)
-    return jac.T @ jac
-
-  n = x0.shape[0]
-  batch = n if batch_size is None else int(batch_size)
-  if batch < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  total = None
-  for start in tqdm(range(0, n, batch), desc="dense GGN", disable=not progress):
-    part = ggn_sum(flat, *example_draw_pairs(x0[start:start + batch], draws))
-    total = part if total is None else total + part
-    jax.block_until_ready(total)
-    host_memory.release_free_memory()
-  return (2.0 / (dim * n * draws.num_draws)) * total
-
-
-def dense_hessian(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws,
-                  parameterization: Parameterization = "eps"):
-  """The exact Hessian ∇²L of ``training_loss`` as a dense [P, P] matrix.
-
-  Equals ``dense_ggn`` when the model is linear in θ (or where the residuals
-  f − y vanish); otherwise differs by the residual-weighted second derivatives
-  of the network, which can make it indefinite.
-
-  Returns:
-    ∇²L, shape [P, P], rows in ``ravel_pytree(params)`` order.
-  """
-  flat, unravel = ravel_pytree(params)
-  loss = lambda f, x0, draws: training_loss(apply_fn, unravel(f), schedule, x0, draws,
-                                            parameterization)
-  return jax.jit(jax.hessian(loss))(flat, x0, draws)
-
-
-def dense_operator(matvec: Callable[[Params], Params], params: Params):
-  """Materialises a linear map on params-shaped vectors as a [P, P] matrix.
-
-  Column j is ``matvec(e_j)`` with e_j the j-th unit vector of
-  ``ravel_pytree(params)``; use it to compare an approximation (e.g.
-  ``functools.partial(kfac_matvec, state)``) with ``dense_ggn`` on small models.
-  """
-  flat, unravel = ravel_pytree(params)
-  eye = jnp.eye(flat.size, dtype=flat.dtype)
-  cols = jax.vmap(lambda e: ravel_pytree(matvec(unravel(e)))[0])(eye)
-  return cols.T
-
-
-def dense_inverse_vp(matrix, v: Params, damping: float | None = None, *,
-                     damping_factor: float = 0.1) -> Params:
-  """(M + λ I)⁻¹ v for a dense curvature M (e.g. ``dense_ggn``, ``dense_hessian``).
-
-  Args:
-    matrix: M, [P, P] in ``ravel_pytree`` order of ``v``.
-    v: a params-shaped vector.
-    damping: λ ≥ 0; ``None`` uses 0.1 × the mean eigenvalue of M (0.1·tr(M)/P).
-    damping_factor: the 0.1 of the default (used only when ``damping`` is None).
-
-  Returns:
-    (M + λ I)⁻¹ v, shaped like ``v``.
-  """
-  check_damping(damping)
-  flat, unravel = ravel_pytree(v)
-  if matrix.shape != (flat.size, flat.size):
-    raise ValueError(f"matrix must have shape [P, P] = {(flat.size, flat.size)} for this v, "
-                     f"got {matrix.shape}")
-  lam = damping_factor * jnp.trace(matrix) / flat.size if damping is None else damping
-  return unravel(jnp.linalg.solve(matrix + lam * jnp.eye(flat.size, dtype=matrix.dtype), flat))
 
 
 def ggn_sqrt_grads(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws, *,

@@ -7,6 +7,7 @@ with no data directory.
 from __future__ import annotations
 
 import numpy as np
+import sklearn.datasets
 
 from jattr.data.dataset import Dataset
 
@@ -21,10 +22,6 @@ def load_digits() -> Dataset:
     A ``Dataset`` named ``"digits"`` with ``x`` float32 [1797, 8, 8, 1] in [-1, 1] and
     ``y`` int32 [1797], the digit 0..9.
   """
-  # Imported here: sklearn.datasets takes ~1 s to import, which every `import
-  # jattr.data` would otherwise pay even when loading a real dataset instead.
-  import sklearn.datasets  # pylint: disable=g-import-not-at-top
-
   bunch = sklearn.datasets.load_digits()
   x = (bunch.images.astype(np.float32) / 8.0 - 1.0)[..., None]
   return Dataset(x=x, y=bunch.target.astype(np.int32), name="digits")

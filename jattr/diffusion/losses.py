@@ -23,7 +23,7 @@ from jattr.types import ApplyFn, Parameterization, Params
 PARAMETERIZATIONS = ("eps", "x0", "v")
 
 
-def _check_parameterization(parameterization: str) -> None:
+def check_parameterization(parameterization: str) -> None:
   if parameterization not in PARAMETERIZATIONS:
     raise ValueError(
         f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
@@ -31,7 +31,7 @@ def _check_parameterization(parameterization: str) -> None:
 
 def target(schedule: Schedule, x0, t, eps, parameterization: Parameterization = "eps"):
   """The regression target the network output is compared with."""
-  _check_parameterization(parameterization)
+  check_parameterization(parameterization)
   if parameterization == "eps":
     return eps
   if parameterization == "x0":
@@ -46,7 +46,7 @@ def to_eps_x0(schedule: Schedule, out, x_t, t, parameterization: Parameterizatio
   Uses x_t = √ᾱ x₀ + √(1−ᾱ) ε and, for v, x̂₀ = √ᾱ x_t − √(1−ᾱ) v̂ and
   ε̂ = √(1−ᾱ) x_t + √ᾱ v̂.
   """
-  _check_parameterization(parameterization)
+  check_parameterization(parameterization)
   ab = schedule.alphas_bar
   sa = gather(jnp.sqrt(ab), t, x_t)
   s1 = gather(jnp.sqrt(1.0 - ab), t, x_t)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattr.diffusion.draws import Draws
-from jattr.diffusion.losses import _check_parameterization, target, to_eps_x0
+from jattr.diffusion.losses import check_parameterization, target, to_eps_x0
 from jattr.diffusion.schedules import Schedule, q_sample
 from jattr.types import ApplyFn, Parameterization, Params
 
@@ -106,7 +106,7 @@ def default_loss_weights(schedule: Schedule, parameterization: Parameterization 
   Returns:
     w, float64 array of shape [T].
   """
-  _check_parameterization(parameterization)
+  check_parameterization(parameterization)
   w = elbo_weights(schedule) * _to_eps_mse_factor(schedule, parameterization)
   return w / np.mean(w)
 
@@ -149,7 +149,7 @@ def measurement_fn(name: str, apply_fn: ApplyFn, schedule: Schedule, draws: Draw
   """
   if name not in MEASUREMENTS:
     raise ValueError(f"name must be one of {MEASUREMENTS}, got {name!r}")
-  _check_parameterization(parameterization)
+  check_parameterization(parameterization)
   T = schedule.num_timesteps
   if not isinstance(draws, Draws):
     raise TypeError(f"draws must be a jattr.diffusion.Draws, got {type(draws).__name__}")
@@ -227,7 +227,7 @@ def trajectory_step_measurement(apply_fn: ApplyFn, schedule: Schedule, *,
     ``f(params, x0_pred [H,W,C], t, eps) -> scalar`` where ``t`` is a scalar int
     timestep and ``eps`` is one noise [H,W,C] or K noises [K,H,W,C] (averaged).
   """
-  _check_parameterization(parameterization)
+  check_parameterization(parameterization)
 
   def f(params: Params, x0_pred: jax.Array, t, eps: jax.Array) -> jax.Array:
     if eps.shape == x0_pred.shape:

@@ -24,7 +24,6 @@ for its len(ks)·Q attributed retrainings only.
 
 from __future__ import annotations
 
-import os
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -33,10 +32,11 @@ import numpy as np
 
 from jattr.diffusion.schedules import Schedule
 from jattr.eval.ssim import ssim
-from jattr.train import TrainConfig, train_many
+from jattr.progress import Progress
+from jattr.train import Checkpointer, TrainConfig, train_many
 from jattr.types import ApplyFn, Params
 
-KINDS = ("attributed", "random")
+REMOVAL_KINDS = ("attributed", "random")
 
 
 def removal_sets(scores, k: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +79,7 @@ class CounterfactualResult(NamedTuple):
   Attributes:
     ks: the removal sizes.
     removed: int64 [2, len(ks), Q, max k], padded with −1; index 0 of the first
-      axis is the attributed removal, 1 the random control (``KINDS``).
+      axis is the attributed removal, 1 the random control (``REMOVAL_KINDS``).
     samples: regenerated samples [2, len(ks), Q, H, W, C].
     l2: ‖x' − x‖₂, [2, len(ks), Q].
     ssim: ssim(x, x'), [2, len(ks), Q].
@@ -114,16 +114,17 @@ def counterfactual(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], Params],
                    sample_fn: Callable[[Params, jax.Array], jax.Array], sample_keys,
                    originals, *, seed: int, ks: Sequence[int] = (10, 50, 100),
                    random_seed: int = 0, strategy: str = "map", chunk_size: int | None = None,
-                   checkpoint_dir: str | os.PathLike | None = None,
-                   control_dir: str | os.PathLike | None = None,
-                   data_range: float = 2.0, progress: bool = True) -> CounterfactualResult:
+                   checkpointer: Checkpointer | None = None,
+                   control_checkpointer: Checkpointer | None = None,
+                   data_range: float = 2.0, progress: Progress | None = None
+                   ) -> CounterfactualResult:
   """Retrains without each query's top-k (and k random) examples and regenerates.
 
   All 2·len(ks)·Q retrainings use the same ``seed`` — the seed of the model that
   generated ``originals`` — so they share its initialisation and noise stream
   (module docstring). They run as one ``train_many``, or, with ``control_dir``,
-  as two: the attributed removals (``checkpoint_dir``) and the random controls
-  (``control_dir``, shared by every method with the same Q, N, ks, random_seed,
+  as two: the attributed removals (``checkpointer``) and the random controls
+  (``control_checkpointer``, shared by every method with the same Q, N, ks, random_seed,
   recipe and seed; a finished one is restored, not retrained). Each member trains
   alone under the ``"map"`` strategy, so the split changes no number.
 
@@ -142,11 +143,12 @@ def counterfactual(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], Params],
     ks: removal sizes, each in [1, N).
     random_seed: seed of the random control sets.
     strategy, chunk_size: ``train_many``'s member axis.
-    checkpoint_dir: resumable training (``train_many``).
-    control_dir: where the random-control models are trained or found; None:
-      trained with the attributed ones in ``checkpoint_dir``.
+    checkpointer: resumable training (``train_many``; e.g.
+      ``jattr.io.checkpoint.Checkpointer(dir)``).
+    control_checkpointer: where the random-control models are trained or found;
+      None: trained with the attributed ones in ``checkpointer``.
     data_range: SSIM's L.
-    progress: progress bars.
+    progress: passed to ``train_many`` (``jattr.progress``).
 
   Returns:
     A ``CounterfactualResult``.
@@ -179,13 +181,13 @@ def counterfactual(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], Params],
       np.put_along_axis(masks[kind, j], sets, False, axis=1)
   train = lambda m, d, meta: train_many(  # noqa: E731
       apply_fn, init_fn, schedule, train_images, m, [seed] * m.shape[0], config,
-      strategy=strategy, chunk_size=chunk_size, checkpoint_dir=d, meta=meta,
+      strategy=strategy, chunk_size=chunk_size, checkpointer=d, meta=meta,
       progress=progress).state.ema_params
-  if control_dir is None:
-    groups = [(masks.reshape(-1, n), checkpoint_dir, {"counterfactual": list(ks)})]
+  if control_checkpointer is None:
+    groups = [(masks.reshape(-1, n), checkpointer, {"counterfactual": list(ks)})]
   else:
-    groups = [(masks[0].reshape(-1, n), checkpoint_dir, {"counterfactual": list(ks)}),
-              (masks[1].reshape(-1, n), control_dir,
+    groups = [(masks[0].reshape(-1, n), checkpointer, {"counterfactual": list(ks)}),
+              (masks[1].reshape(-1, n), control_checkpointer,
                {"counterfactual_control": list(ks), "random_seed": int(random_seed)})]
   regen = jax.jit(lambda p, k: jax.lax.map(lambda a: sample_fn(*a), (p, k)))
   samples = []

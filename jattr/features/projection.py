@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jattr.grads.per_example import ExampleFn, flatten_per_example, map_chunks
 from jattr.types import Params
 
-KINDS = ("gaussian", "rademacher")
+PROJECTION_KINDS = ("gaussian", "rademacher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +55,8 @@ class ProjectionConfig:
   def __post_init__(self):
     if int(self.dim) < 1:
       raise ValueError(f"ProjectionConfig.dim must be >= 1, got {self.dim}")
-    if self.kind not in KINDS:
-      raise ValueError(f"ProjectionConfig.kind must be one of {KINDS}, got {self.kind!r}")
+    if self.kind not in PROJECTION_KINDS:
+      raise ValueError(f"ProjectionConfig.kind must be one of {PROJECTION_KINDS}, got {self.kind!r}")
     if int(self.block_size) < 1:
       raise ValueError(f"ProjectionConfig.block_size must be >= 1, got {self.block_size}")
 
@@ -68,7 +68,7 @@ def random_matrix(key: jax.Array, shape: tuple[int, int], kind: str, dtype) -> j
   elif kind == "rademacher":
     m = _packed_signs(key, shape, dtype)
   else:
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    raise ValueError(f"kind must be one of {PROJECTION_KINDS}, got {kind!r}")
   return m / jnp.sqrt(jnp.asarray(shape[1], dtype))
 
 

@@ -56,60 +56,15 @@ from typing import Any, Callable, Literal, Union
 import jax
 import jax.numpy as jnp
 
-from jattr.features.projection import KINDS, random_matrix
+from jattr.features.projection import PROJECTION_KINDS, random_matrix
 from jattr.grads.per_example import map_chunks
+# plain_layer is re-exported: the docstring's contract names it as the ordinary layer.
+from jattr.layers import Conv, Dense, LayerFn, LayerSpec, apply_layer, plain_layer  # noqa: F401
 from jattr.types import Params
 
 
-@dataclasses.dataclass(frozen=True)
-class Dense:
-  """y = x @ w with x [..., d_in] and w [d_in, d_out]."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Conv:
-  """y = conv(x, w), x [B, H, W, c_in] (NHWC), w [kh, kw, c_in, c_out] (HWIO).
-
-  Attributes:
-    strides: window strides (sh, sw).
-    padding: ``"SAME"``, ``"VALID"`` or ((lo, hi), (lo, hi)).
-    dilation: kernel (rhs) dilation (dh, dw).
-  """
-
-  strides: tuple[int, int] = (1, 1)
-  padding: Union[str, tuple[tuple[int, int], tuple[int, int]]] = "SAME"
-  dilation: tuple[int, int] = (1, 1)
-
-
-LayerSpec = Union[Dense, Conv]
-LayerFn = Callable[..., jax.Array]
-"""``layer(name, x, w, spec=Dense()) -> y``."""
 StructuredFn = Callable[[Params, Any, LayerFn], jax.Array]
 """``fn(params, example, layer) -> scalar``, for ONE example."""
-
-
-def apply_layer(spec: LayerSpec, x: jax.Array, w: jax.Array) -> jax.Array:
-  """The plain layer operation described by ``spec`` (no bias)."""
-  if isinstance(spec, Dense):
-    if w.ndim != 2 or x.shape[-1:] != w.shape[:1]:
-      raise ValueError(f"Dense needs x [..., d_in] and w [d_in, d_out], got x {x.shape} "
-                       f"and w {w.shape}")
-    return x @ w
-  if isinstance(spec, Conv):
-    if w.ndim != 4 or x.ndim != 4 or x.shape[-1] != w.shape[2]:
-      raise ValueError(f"Conv needs x [B, H, W, c_in] and w [kh, kw, c_in, c_out], got x "
-                       f"{x.shape} and w {w.shape}")
-    return jax.lax.conv_general_dilated(
-        x, w, window_strides=spec.strides, padding=spec.padding,
-        rhs_dilation=spec.dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  raise TypeError(f"spec must be Dense() or Conv(...), got {spec!r}")
-
-
-def plain_layer(name: str, x: jax.Array, w: jax.Array, spec: LayerSpec = Dense()
-                ) -> jax.Array:
-  """The ordinary ``layer`` for models written against the contract; ignores ``name``."""
-  del name
-  return apply_layer(spec, x, w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +89,8 @@ class StructuredConfig:
     if int(self.dim_in) < 1 or int(self.dim_out) < 1:
       raise ValueError(f"StructuredConfig dims must be >= 1, got dim_in={self.dim_in}, "
                        f"dim_out={self.dim_out}")
-    if self.kind not in KINDS:
-      raise ValueError(f"StructuredConfig.kind must be one of {KINDS}, got {self.kind!r}")
+    if self.kind not in PROJECTION_KINDS:
+      raise ValueError(f"StructuredConfig.kind must be one of {PROJECTION_KINDS}, got {self.kind!r}")
 
 
 def layer_projections(config: StructuredConfig, name: str, d_in: int, d_out: int,

@@ -4,3 +4,5 @@ from jattr.grads.per_example import flatten_per_example
 from jattr.grads.per_example import map_chunks
 from jattr.grads.per_example import per_example_flat_grads
 from jattr.grads.per_example import per_example_grads
+from jattr.grads.per_example import num_examples
+from jattr.grads.per_example import to_chunks

@@ -27,7 +27,7 @@ ExampleFn = Callable[[Params, Any], jax.Array]
 """``fn(params, example) -> scalar``, for ONE example."""
 
 
-def _num_examples(examples) -> int:
+def num_examples(examples) -> int:
   leaves = jax.tree_util.tree_leaves(examples)
   if not leaves:
     raise ValueError("examples must contain at least one array, got an empty pytree")
@@ -36,6 +36,36 @@ def _num_examples(examples) -> int:
     raise ValueError("every leaf of examples must have the same leading axis N, got "
                      f"leading sizes {sorted(str(s) for s in sizes)}")
   return sizes.pop()
+
+
+def to_chunks(examples, chunk_size: int):
+  """Splits ``examples`` into equal chunks, padding the last with its final example.
+
+  The one pad-and-chunk helper of jattr: ``map_chunks`` maps over its chunks, and
+  reductions over examples (``ggn_matvec``) scan over them with ``mask``.
+
+  Args:
+    examples: pytree of arrays with a shared leading axis N.
+    chunk_size: C ≥ 1.
+
+  Returns:
+    ``(chunks, mask)``: every leaf reshaped to [⌈N/C⌉, C, ...] (rows past N repeat
+    example N − 1), and ``mask`` [⌈N/C⌉, C] bool, False on the padding.
+  """
+  n = num_examples(examples)
+  if int(chunk_size) < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+  c = int(chunk_size)
+  num_chunks = -(-n // c)
+  pad = num_chunks * c - n
+
+  def split(x):
+    if pad:
+      x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)
+    return x.reshape((num_chunks, c) + x.shape[1:])
+
+  mask = (jnp.arange(num_chunks * c) < n).reshape(num_chunks, c)
+  return jax.tree_util.tree_map(split, examples), mask
 
 
 def map_chunks(batch_fn: Callable[[Any], Any], examples, *, chunk_size: int | None = None):
@@ -50,22 +80,13 @@ def map_chunks(batch_fn: Callable[[Any], Any], examples, *, chunk_size: int | No
   Returns:
     ``batch_fn``'s outputs for all N examples, leading axis N.
   """
-  n = _num_examples(examples)
+  n = num_examples(examples)
   if chunk_size is None or chunk_size >= n:
     return batch_fn(examples)
-  if int(chunk_size) < 1:
-    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+  chunks, _ = to_chunks(examples, chunk_size)
+  out = jax.lax.map(batch_fn, chunks)
   c = int(chunk_size)
-  num_chunks = -(-n // c)
-  pad = num_chunks * c - n
-
-  def to_chunks(x):
-    if pad:
-      x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)
-    return x.reshape((num_chunks, c) + x.shape[1:])
-
-  out = jax.lax.map(batch_fn, jax.tree_util.tree_map(to_chunks, examples))
-  return jax.tree_util.tree_map(lambda y: y.reshape((num_chunks * c,) + y.shape[2:])[:n], out)
+  return jax.tree_util.tree_map(lambda y: y.reshape((y.shape[0] * c,) + y.shape[2:])[:n], out)
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "chunk_size"))

@@ -4,11 +4,16 @@ A checkpoint directory holds numbered steps (``<dir>/<step>/``), each with the s
 pytree (``state``) and a JSON document (``meta``) describing what produced it. The
 metadata is how a resumed job proves it is continuing the *same* job: the caller
 compares it with its own before restoring.
+
+``Checkpointer(directory)`` is the object ``jattr.train.train`` and ``train_many``
+take (the ``jattr.train.Checkpointer`` protocol); the functions below are the same
+operations on a path.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
 import jax
@@ -75,3 +80,29 @@ def read_meta(directory: str | os.PathLike, step: int | None = None) -> dict:
     raise FileNotFoundError(f"no checkpoint found in {os.fspath(directory)!r}")
   with _manager(directory, None) as mngr:
     return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+
+class Checkpointer:
+  """Orbax checkpoints in one directory: ``jattr.train.Checkpointer`` for training.
+
+  Attributes:
+    directory: where the steps live (created on the first save).
+    max_to_keep: steps kept; older ones are deleted after a save.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 2):
+    self.directory = pathlib.Path(directory)
+    self.max_to_keep = max_to_keep
+
+  def latest_step(self) -> int | None:
+    return latest_step(self.directory)
+
+  def restore(self, target: Any) -> tuple[Any, dict]:
+    state, meta, _ = restore(self.directory, target)
+    return state, meta
+
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    save(self.directory, step, state, meta, max_to_keep=self.max_to_keep)
+
+  def __repr__(self) -> str:
+    return f"Checkpointer({str(self.directory)!r})"

@@ -1,20 +1,20 @@
 """Fitted curvature on disk: orbax arrays plus a JSON sidecar naming the model they fit.
 
-A curvature (``jattr.curvature``: K-FAC, EK-FAC, the GGN diagonal or a dense [P, P]
+A curvature (``jattr.curvature``: K-FAC, EK-FAC, the GGN diagonal or the dense GGN
 matrix) is fitted once and used for many influence queries. Layout of ``<dir>/``::
 
     state/           an orbax checkpoint of the state's arrays, as a nested dict
-                     (``blocks/<j>/a``, ``blocks/<j>/g_eigvecs``, ``diag/…``, ``matrix``)
+                     (``blocks/<j>/a``, ``blocks/<j>/g_eigvecs``, ``diag/…``, ``eigvals``/``eigvecs``)
     curvature.json   the sidecar: format, version, the K-FAC block layout (static
                      structure the arrays do not carry) and ``meta``
 
 ``meta`` is the caller's JSON-able description plus ``kind`` and ``num_parameters``,
 which ``save_curvature`` fills in. It must contain ``model_hash``, the sha256 of the
-parameters the curvature was fitted at (``jattr.features.store_featurize.model_hash``):
+parameters the curvature was fitted at (``jattr.io.hashing.model_hash``):
 ``load_curvature`` recomputes it from the parameters it is given and refuses a
 mismatch, so a curvature is never applied to another model. The standard keys the
-``jattr fit-curvature`` driver writes (damping default, weight sharing, measurement,
-draws, dataset, N) are listed in ``jattr.curvature.cli.curvature_meta``.
+``jattr fit-curvature`` workflow writes (damping default, weight sharing, measurement,
+draws, dataset, N) are listed in ``jattr.runs.curvature_meta``.
 
 Round trip. Every array of the state is saved (the eigendecompositions too, so a
 loaded state is bit-identical to the fitted one, never recomputed) and the layout is
@@ -38,35 +38,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jattr.curvature.dense import DenseState
 from jattr.curvature.diagonal import DiagonalState
 from jattr.curvature.ekfac import EkfacBlock, EkfacState
+from jattr.curvature.inverse_vp import CURVATURE_KINDS, curvature_kind
 from jattr.curvature.kfac import BlockLayout, DiagBlock, KfacState, KronBlock
+from jattr.io import atomic
+from jattr.io.hashing import model_hash as hash_params
 
 FORMAT = "jattr.curvature"
 VERSION = 1
 SIDECAR = "curvature.json"
 STATE = "state"
-KINDS = ("kfac", "ekfac", "diagonal", "dense")
-
-
-def curvature_kind(state: Any) -> str:
-  """``"kfac"``, ``"ekfac"``, ``"diagonal"`` or ``"dense"`` for a fitted state.
-
-  Raises:
-    TypeError: for anything else.
-  """
-  if isinstance(state, KfacState):
-    return "kfac"
-  if isinstance(state, EkfacState):
-    return "ekfac"
-  if isinstance(state, DiagonalState):
-    return "diagonal"
-  if isinstance(state, (jax.Array, np.ndarray)) and state.ndim == 2 and (
-      state.shape[0] == state.shape[1]):
-    return "dense"
-  raise TypeError("state must be a KfacState, EkfacState, DiagonalState or a square dense "
-                  f"matrix, got {type(state).__name__} "
-                  f"{getattr(state, 'shape', '')}")
 
 
 def _num_parameters(state: Any, kind: str) -> int:
@@ -74,7 +57,7 @@ def _num_parameters(state: Any, kind: str) -> int:
     return int(sum(np.prod(s, dtype=np.int64) for lay in state.layout for s in lay.leaf_shapes))
   if kind == "diagonal":
     return int(sum(np.size(x) for x in jax.tree.leaves(state.diag)))
-  return int(state.shape[0])
+  return state.num_parameters
 
 
 def _key(j: int) -> str:
@@ -93,7 +76,7 @@ def _to_tree(state: Any, kind: str) -> dict:
     return {"blocks": blocks}
   if kind == "diagonal":
     return {"diag": state.diag}
-  return {"matrix": state}
+  return {"eigvals": state.eigvals, "eigvecs": state.eigvecs}
 
 
 def _layout_to_json(layout: tuple) -> list:
@@ -131,7 +114,7 @@ def _from_tree(tree: dict, kind: str, layout: tuple | None, params: Any):
                          f"{[np.shape(x) for x in jax.tree.leaves(params)][:5]} (first 5)")
       diag = jax.tree.unflatten(jax.tree.structure(params), leaves)
     return DiagonalState(diag)
-  return tree["matrix"]
+  return DenseState(tree["eigvals"], tree["eigvecs"])
 
 
 def _jsonable(doc: dict, name: str) -> dict:
@@ -158,7 +141,7 @@ def save_curvature(path: str | os.PathLike, state: Any, meta: dict, *,
   Args:
     path: the directory (created; may exist, but must not hold a curvature unless
       ``overwrite``).
-    state: a ``KfacState``, ``EkfacState``, ``DiagonalState`` or dense [P, P] matrix.
+    state: a ``KfacState``, ``EkfacState``, ``DiagonalState`` or ``DenseState``.
     meta: a JSON-able dict describing the fit. Must contain ``model_hash`` (64 hex
       characters); ``kind`` and ``num_parameters`` are filled in (a ``kind`` that
       disagrees with the state raises).
@@ -177,7 +160,7 @@ def save_curvature(path: str | os.PathLike, state: Any, meta: dict, *,
   h = meta.get("model_hash")
   if not (isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)):
     raise ValueError("meta['model_hash'] must be the 64-character sha256 hex digest of the "
-                     "params (jattr.features.store_featurize.model_hash), got "
+                     "params (jattr.io.hashing.model_hash), got "
                      f"{h!r}")
   if meta.get("kind", kind) != kind:
     raise ValueError(f"meta['kind'] is {meta['kind']!r} but the state is a {kind!r} curvature")
@@ -195,12 +178,7 @@ def save_curvature(path: str | os.PathLike, state: Any, meta: dict, *,
     ckpt.wait_until_finished()
   sidecar = {"format": FORMAT, "version": VERSION, "meta": meta,
              "layout": _layout_to_json(state.layout) if kind in ("kfac", "ekfac") else None}
-  tmp = p / f".{SIDECAR}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(sidecar, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, p / SIDECAR)
+  atomic.write_json(p / SIDECAR, sidecar)
   return p
 
 
@@ -232,10 +210,10 @@ def load_curvature(path: str | os.PathLike, params: Any = None, *, model_hash: s
   Args:
     path: the directory.
     params: the parameters it will be used with; their sha256
-      (``store_featurize.model_hash``) must equal the stored ``model_hash``. For a
+      (``jattr.io.hashing.model_hash``) must equal the stored ``model_hash``. For a
       diagonal state they also give the pytree structure of the result.
     model_hash: the expected hash, instead of (or besides) ``params``.
-    kind: if given, the kind the caller expects (``KINDS``).
+    kind: if given, the kind the caller expects (``CURVATURE_KINDS``).
 
   Returns:
     ``(state, meta)``: the state exactly as saved (bit-identical arrays, the same
@@ -249,8 +227,8 @@ def load_curvature(path: str | os.PathLike, params: Any = None, *, model_hash: s
   if params is None and model_hash is None:
     raise ValueError("load_curvature needs params or model_hash to check that the curvature "
                      "was fitted to this model (read_curvature_meta reads it unchecked)")
-  if kind is not None and kind not in KINDS:
-    raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+  if kind is not None and kind not in CURVATURE_KINDS:
+    raise ValueError(f"kind must be one of {CURVATURE_KINDS} or None, got {kind!r}")
   doc = _read_sidecar(path)
   meta = doc["meta"]
   stored = meta.get("model_hash")
@@ -258,8 +236,6 @@ def load_curvature(path: str | os.PathLike, params: Any = None, *, model_hash: s
   if model_hash is not None:
     expected.append(("model_hash", model_hash))
   if params is not None:
-    from jattr.features.store_featurize import model_hash as hash_params
-
     expected.append(("params", hash_params(params)))
   for what, h in expected:
     if h != stored:

@@ -24,7 +24,7 @@ chunk written but not yet listed is recomputed on resume.
 
 Configuration. ``config`` is any JSON-able dict describing what the features are
 (model hash, output function, draws, projection, dataset; see
-``jattr.features.store_featurize.feature_config``). Opening an existing store with a
+``jattr.io.feature_store.feature_config``). Opening an existing store with a
 different config (or a different N, k, chunk_rows) raises a ``ValueError`` that
 names every differing key, so features of different models, draws or projections
 are never mixed in one store.
@@ -35,6 +35,7 @@ One writer at a time: two processes writing the same store race on the sidecar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -43,11 +44,16 @@ from typing import Any, Iterable
 import numpy as np
 import tensorstore as ts
 
+from jattr.features.projection import ProjectionConfig
+from jattr.io import atomic
+
 FORMAT = "jattr.feature_store"
 VERSION = 1
 SIDECAR = "store.json"
 ARRAY = "features"
 DTYPE = "float32"
+COMPATIBLE_KEYS = ("model", "measurement", "draws", "projection")
+"""Config sections a query store must share with the train store it is scored against."""
 
 
 def _normalize(config: Any) -> dict:
@@ -98,13 +104,59 @@ def describe_diff(a: dict, b: dict, keys: Iterable[str],
                    for k in keys)
 
 
-def _write_json_atomic(path: pathlib.Path, doc: dict) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(doc, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+def projection_spec(config: ProjectionConfig) -> dict:
+  """The JSON form of a ``ProjectionConfig`` (dim, kind, seed, block_size)."""
+  return dataclasses.asdict(config)
+
+
+def feature_config(*, params_hash: str, measurement: str, num_draws: int, timesteps: str,
+                   draw_seed: int, projection: ProjectionConfig, dataset: str,
+                   num_examples: int, examples_hash: str,
+                   measurement_kwargs: dict | None = None, model_info: dict | None = None,
+                   dataset_info: dict | None = None) -> dict:
+  """The standard configuration of a feature store.
+
+  Args:
+    params_hash: ``model_hash(params)``.
+    measurement: the output function's name (e.g. ``"square_norm"``).
+    num_draws: K of the fixed (t, ε) draws.
+    timesteps: ``"uniform"`` or ``"random"``.
+    draw_seed: seed of the draws' key.
+    projection: the projection.
+    dataset: name of the examples' source (e.g. ``"digits"``, ``"samples"``).
+    num_examples: N.
+    examples_hash: ``array_hash`` of the examples' indices (or of their contents
+      when they have no indices, e.g. generated samples).
+    measurement_kwargs: JSON-able kwargs of the output function (e.g. ``{"time": 50}``).
+    model_info: more JSON-able facts about the model (architecture, schedule, …).
+    dataset_info: more JSON-able facts about the examples (split, file, …).
+
+  Returns:
+    ``{"model", "measurement", "draws", "projection", "dataset"}`` sections.
+  """
+  return {
+      "model": {"params_sha256": params_hash, **(model_info or {})},
+      "measurement": {"name": measurement, "kwargs": dict(measurement_kwargs or {})},
+      "draws": {"num_draws": int(num_draws), "timesteps": timesteps, "seed": int(draw_seed)},
+      "projection": projection_spec(projection),
+      "dataset": {"name": dataset, "num": int(num_examples), "examples_sha256": examples_hash,
+                  **(dataset_info or {})},
+  }
+
+
+def check_compatible(train_config: dict, query_config: dict,
+                     keys: tuple[str, ...] = COMPATIBLE_KEYS) -> None:
+  """Raises ValueError unless the two configs agree on every section in ``keys``.
+
+  Train and query features are only comparable when they come from the same model,
+  output function, draws and projection; the datasets naturally differ.
+  """
+  a = {k: train_config.get(k, "<missing>") for k in keys}
+  b = {k: query_config.get(k, "<missing>") for k in keys}
+  diff = config_diff(a, b)
+  if diff:
+    raise ValueError("train and query features were computed differently; differing keys: "
+                     + describe_diff(a, b, diff, ("train", "query")))
 
 
 class FeatureStore:
@@ -193,7 +245,7 @@ class FeatureStore:
     array = ts.open(spec, create=True, delete_existing=True).result()
     sidecar = {"format": FORMAT, "version": VERSION, **layout, "config": config,
                "complete_chunks": []}
-    _write_json_atomic(sidecar_path, sidecar)
+    atomic.write_json(sidecar_path, sidecar)
     return cls(path, sidecar, array)
 
   @classmethod
@@ -289,7 +341,7 @@ class FeatureStore:
     if int(i) not in self._sidecar["complete_chunks"]:
       sidecar = dict(self._sidecar)
       sidecar["complete_chunks"] = sorted(self._sidecar["complete_chunks"] + [int(i)])
-      _write_json_atomic(self.path / SIDECAR, sidecar)
+      atomic.write_json(self.path / SIDECAR, sidecar)
       self._sidecar = sidecar
 
   def read(self, rows=None) -> np.ndarray:

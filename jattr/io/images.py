@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from PIL import Image
+
+from jattr.io import atomic
 
 
 def to_uint8(images) -> np.ndarray:
@@ -40,14 +43,17 @@ def grid(images, ncol: int | None = None, pad: int = 1, scale: int = 1,
   return out
 
 
+def save_image(image: Image.Image, path: str | os.PathLike) -> str:
+  """Writes a PIL image as a PNG, atomically (``jattr.io.atomic``); returns the path."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  atomic.write_bytes(path, lambda f: image.save(f, format="PNG"))
+  return os.fspath(path)
+
+
 def save_png(array: np.ndarray, path: str | os.PathLike) -> str:
   """Writes a uint8 [H, W, C] (C = 1 or 3) array as a PNG; returns the path."""
-  from PIL import Image  # imported here: only the drivers write pictures
-
   a = np.asarray(array)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
-  return os.fspath(path)
+  return save_image(Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a), path)
 
 
 def save_grid(images, path: str | os.PathLike, **kwargs) -> str:

@@ -3,7 +3,7 @@
 For each query (a generated sample or a held-out image): a PNG strip with the query
 on the left and its top-k training images to the right, each labelled with its rank,
 training index and score; and one HTML page showing every strip, linking the full
-score matrix (``scores.npz``).
+score matrix (``scores.npz``: ``tau`` [Q, N], the name every jattr score file uses).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import os
 import pathlib
 
 import numpy as np
+from PIL import Image, ImageDraw
 
-from jattr.io.images import to_uint8
+from jattr.io import atomic
+from jattr.io.images import save_image, to_uint8
 
 
 def _tile(img: np.ndarray, size: int) -> np.ndarray:
@@ -27,10 +29,8 @@ def _tile(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def strip(query: np.ndarray, train: np.ndarray, labels: list[str], *, tile: int = 64,
-          gap: int = 6) -> "PIL.Image.Image":  # noqa: F821
+          gap: int = 6) -> Image.Image:
   """One row: the query, a wider gap, then the training images with captions."""
-  from PIL import Image, ImageDraw
-
   q = _tile(to_uint8(query), tile)
   ts = [_tile(t, tile) for t in to_uint8(train)]
   th, tw = q.shape[:2]
@@ -77,12 +77,12 @@ def write_report(out_dir: str | os.PathLike, queries: np.ndarray, train_images: 
                      f"{train_images.shape[0]} training images")
   train_ids = np.arange(n) if train_ids is None else np.asarray(train_ids)
   top = np.argsort(-scores, axis=1)[:, :top_k]
-  np.savez_compressed(out / "scores.npz", scores=scores, top=top, train_ids=train_ids)
+  atomic.write_npz(out / "scores.npz", compressed=True, tau=scores, top=top, train_ids=train_ids)
   rows = []
   for i in range(q):
     labels = [f"#{r + 1} id {train_ids[j]}\n{scores[i, j]:+.3g}" for r, j in enumerate(top[i])]
     name = f"query_{i:03d}.png"
-    strip(queries[i], train_images[top[i]], labels).save(out / name)
+    save_image(strip(queries[i], train_images[top[i]], labels), out / name)
     rows.append(f'<div class="q"><h3>query {i}</h3><img src="{name}" alt="query {i} and its '
                 f'top {top_k} training images"></div>')
   info = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>"
@@ -94,11 +94,11 @@ img{{image-rendering:pixelated}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p>Each row: a query (left) and the {top_k} training images with the highest
 attribution scores, most responsible first, captioned with rank, training index and
-score. All scores: <a href="scores.npz">scores.npz</a> (<code>scores</code> [Q, N],
+score. All scores: <a href="scores.npz">scores.npz</a> (<code>tau</code> [Q, N],
 <code>top</code>, <code>train_ids</code>).</p>
 <ul>{info}</ul>
 {''.join(rows)}
 </body></html>
 """
-  (out / "index.html").write_text(page)
+  atomic.write_text(out / "index.html", page)
   return os.fspath(out / "index.html")

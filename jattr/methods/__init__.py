@@ -5,7 +5,6 @@ from jattr.methods.baselines import grad_dot
 from jattr.methods.baselines import pixel_cosine
 from jattr.methods.baselines import tracin
 from jattr.methods.influence import influence_scores
-from jattr.methods.influence import inverse_vp_fn
 from jattr.methods.influence import precondition
 from jattr.methods.scoring import dot_scores
 from jattr.methods.scoring import tiled_scores

@@ -17,8 +17,9 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jattr.methods.scoring import tiled_scores
+from jattr.methods.scoring import dot_scores, tiled_scores, tiled_scores_into
 
 
 def _check_pair(a, b, names):
@@ -27,7 +28,8 @@ def _check_pair(a, b, names):
                      f"{a.shape} and {b.shape}")
 
 
-def _normalize_rows(x: jax.Array) -> jax.Array:
+def normalize_rows(x: jax.Array) -> jax.Array:
+  """Each row divided by its L2 norm (rows of norm 0 stay 0)."""
   norm = jnp.linalg.norm(x, axis=1, keepdims=True)
   return x / jnp.maximum(norm, jnp.finfo(x.dtype).tiny)
 
@@ -47,23 +49,40 @@ def pixel_cosine(query_images: jax.Array, train_images: jax.Array, *,
   if query_images.shape[1:] != train_images.shape[1:]:
     raise ValueError(f"query_images and train_images must share the image shape, got "
                      f"{query_images.shape} and {train_images.shape}")
-  q = _normalize_rows(jnp.reshape(query_images, (query_images.shape[0], -1)))
-  t = _normalize_rows(jnp.reshape(train_images, (train_images.shape[0], -1)))
+  q = normalize_rows(jnp.reshape(query_images, (query_images.shape[0], -1)))
+  t = normalize_rows(jnp.reshape(train_images, (train_images.shape[0], -1)))
   return tiled_scores(q, t, *tile)
 
 
+def cosine_scores(a: jax.Array, b: jax.Array) -> jax.Array:
+  """cos(a_q, b_i) for every pair of rows: a tile function of the tiled scorers."""
+  return dot_scores(normalize_rows(a), normalize_rows(b))
+
+
 def grad_dot(query_features: jax.Array, train_features: jax.Array, *,
-             tile: tuple[int, int] = (1024, 8192)) -> jax.Array:
-  """τ[q, i] = g_qᵀ g_i for query [Q, k] and train [N, k] gradients; returns [Q, N]."""
+             tile: tuple[int, int] = (1024, 8192), out: np.ndarray | None = None) -> jax.Array:
+  """τ[q, i] = g_qᵀ g_i for query [Q, k] and train [N, k] gradients; returns [Q, N].
+
+  With ``out`` (a host array [Q, N], e.g. a memmap), τ is written into it tile by
+  tile (``tiled_scores_into``; the inputs may be host arrays too) and returned.
+  """
   _check_pair(query_features, train_features, ("query_features", "train_features"))
+  if out is not None:
+    return tiled_scores_into(out, query_features, train_features, *tile)
   return tiled_scores(query_features, train_features, *tile)
 
 
 def grad_cosine(query_features: jax.Array, train_features: jax.Array, *,
-                tile: tuple[int, int] = (1024, 8192)) -> jax.Array:
-  """τ[q, i] = cos(g_q, g_i) for query [Q, k] and train [N, k] gradients; returns [Q, N]."""
+                tile: tuple[int, int] = (1024, 8192), out: np.ndarray | None = None
+                ) -> jax.Array:
+  """τ[q, i] = cos(g_q, g_i) for query [Q, k] and train [N, k] gradients; returns [Q, N].
+
+  ``out``: as in ``grad_dot``.
+  """
   _check_pair(query_features, train_features, ("query_features", "train_features"))
-  return tiled_scores(_normalize_rows(query_features), _normalize_rows(train_features), *tile)
+  if out is not None:
+    return tiled_scores_into(out, query_features, train_features, *tile, fn=cosine_scores)
+  return tiled_scores(normalize_rows(query_features), normalize_rows(train_features), *tile)
 
 
 def tracin(checkpoints: Sequence[tuple[jax.Array, jax.Array, float]], *,

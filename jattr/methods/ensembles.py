@@ -34,7 +34,7 @@ exact: keep only the members that never saw any example of G (``forget``), and
 the ensemble thereafter holds no information from G at all.
 
 Relation to LDS. A random-half design with M members is exactly LDS's subsets at
-α = 1/2, so the subset models trained for LDS (``jattr.io.lds_cache``) *are* a
+α = 1/2, so the subset models trained for LDS (``jattr.bench.lds_cache``) *are* a
 random-half ensemble and their measurements y [Q, M] give ``ensemble_scores``
 without training anything. Scoring and evaluating on the *same* subsets would be
 circular (τ is then fit to the very y it is judged against), so use disjoint
@@ -174,7 +174,7 @@ def ensemble_scores(measurements, masks) -> jax.Array:
 def ensemble_score_fn(masks, measurements_by_split: dict, members=None):
   """An LDS-harness ``score_fn(hparams, queries)`` from already measured members.
 
-  ``jattr.eval.lds.select_and_evaluate`` hands a score function the query images
+  ``jattr.eval.selection.select_and_evaluate`` hands a score function the query images
   and the split's name only; this one looks the split's member measurements up by
   that name and returns ``ensemble_scores`` over the chosen members.
 

@@ -26,65 +26,22 @@ size and never grows with N.
 from __future__ import annotations
 
 import functools
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from jattr.curvature.diagonal import DiagonalState, diagonal_inverse_vp, identity_inverse_vp
-from jattr.curvature.ekfac import EkfacState, ekfac_inverse_vp
-from jattr.curvature.ggn import check_damping, dense_inverse_vp
-from jattr.curvature.kfac import DEFAULT_DAMPING_FACTOR, KfacState, kfac_inverse_vp
+from jattr.curvature.inverse_vp import InverseVP, inverse_vp_fn
+from jattr.curvature.kfac import DEFAULT_DAMPING_FACTOR
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.measurements import measurement_fn
 from jattr.diffusion.schedules import Schedule
 from jattr.grads.per_example import (flatten_per_example, map_chunks, per_example_flat_grads,
                                      per_example_grads)
 from jattr.methods.scoring import tiled_scores
+from jattr.progress import Progress
+from jattr.progress import resolve as resolve_progress
 from jattr.types import ApplyFn, Parameterization, Params
-
-InverseVP = Callable[[Params], Params]
-"""``inverse_vp(v) -> (C + λ I)⁻¹ v`` for ONE params-shaped vector."""
-
-
-def inverse_vp_fn(curvature, damping: float | None = None, *,
-                  damping_factor: float = DEFAULT_DAMPING_FACTOR) -> InverseVP:
-  """The (C + λ I)⁻¹ of a fitted curvature, as a function of one vector.
-
-  Args:
-    curvature: ``None`` (identity: τ is the gradient dot product), a
-      ``KfacState``, ``EkfacState``, ``DiagonalState``, or a dense [P, P] matrix
-      (``jattr.curvature.dense_ggn`` / ``dense_hessian``, small models).
-    damping: λ ≥ 0; ``None`` uses each curvature's default, 0.1 × its mean
-      eigenvalue (per block for K-FAC and EK-FAC). Ignored for the identity.
-    damping_factor: the 0.1 of that default (only when ``damping`` is None): the
-      scale-free knob to tune on validation queries, if one tunes at all.
-
-  Returns:
-    ``inverse_vp(v) -> params-like``, a ``jax.tree_util.Partial``: a pytree whose
-    leaves are the curvature's arrays, so it can be passed into ``jax.jit``
-    without baking the curvature in as constants.
-  """
-  check_damping(damping)
-  if not damping_factor > 0:
-    raise ValueError(f"damping_factor must be > 0, got {damping_factor}")
-  if curvature is None:
-    return Partial(identity_inverse_vp, None, damping=damping)
-  kw = dict(damping=damping, damping_factor=damping_factor)
-  if isinstance(curvature, KfacState):
-    return Partial(kfac_inverse_vp, curvature, **kw)
-  if isinstance(curvature, EkfacState):
-    return Partial(ekfac_inverse_vp, curvature, **kw)
-  if isinstance(curvature, DiagonalState):
-    return Partial(diagonal_inverse_vp, curvature, **kw)
-  if isinstance(curvature, (jax.Array, np.ndarray)) and curvature.ndim == 2:
-    return Partial(dense_inverse_vp, jnp.asarray(curvature), **kw)
-  raise TypeError(
-      "curvature must be None, a KfacState, EkfacState, DiagonalState or a dense [P, P] "
-      f"matrix, got {type(curvature).__name__}")
-
 
 def _leading(tree, name: str) -> int:
   leaves = jax.tree.leaves(tree)
@@ -162,7 +119,8 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
               damping: float | None = None, damping_factor: float = DEFAULT_DAMPING_FACTOR,
               parameterization: Parameterization = "eps",
               time: int | None = None, weights=None, query_draws: Draws | None = None,
-              tile_size: int = 256, chunk_size: int | None = None) -> jax.Array:
+              tile_size: int = 256, chunk_size: int | None = None,
+              out: np.ndarray | None = None, progress: Progress | None = None) -> jax.Array:
   """τ[q, i] = ∇m_qᵀ (C + λ I)⁻¹ ∇ℓ_i for all queries and training examples.
 
   m_q = ``measurement_fn(measurement, ...)`` on query q (averaged over
@@ -188,9 +146,12 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
     query_draws: the draws of the measurement (default ``draws``).
     tile_size: training examples per gradient tile.
     chunk_size: examples per ``vmap`` inside a tile (and queries per vmap).
+    out: optional host array [Q, N] the tiles are written into as they are made
+      (then only one tile of scores is on the device at a time).
+    progress: called after each training tile (``jattr.progress``).
 
   Returns:
-    τ, [Q, N]; τ/N ≈ m_q(θ₋ᵢ) − m_q(θ).
+    τ, [Q, N]; τ/N ≈ m_q(θ₋ᵢ) − m_q(θ). ``out`` itself when given.
   """
   _check_images(train_x0, draws, "train_x0")
   _check_images(query_x0, draws if query_draws is None else query_draws, "query_x0")
@@ -210,11 +171,19 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
     g = per_example_flat_grads(loss_fn, p, xt, chunk_size=chunk_size)
     return psi @ g.astype(psi.dtype).T
 
-  n = train_x0.shape[0]
+  n, q = train_x0.shape[0], query_x0.shape[0]
+  if out is not None and out.shape != (q, n):
+    raise ValueError(f"out must have shape [Q, N] = {(q, n)}, got {out.shape}")
+  report = resolve_progress(progress)
   tn = min(int(tile_size), n)
   tiles = []
   for start in range(0, n, tn):
     # The last tile is shifted back to end at N (one compiled shape); drop the overlap.
     s = min(start, n - tn)
-    tiles.append(tile_scores(params, psi, train_x0[s:s + tn])[:, start - s:])
-  return jnp.concatenate(tiles, axis=1)
+    tile = tile_scores(params, psi, train_x0[s:s + tn])[:, start - s:]
+    if out is None:
+      tiles.append(tile)
+    else:
+      out[:, start:start + tile.shape[1]] = np.asarray(tile)
+    report("influence", min(start + tn, n), n)
+  return out if out is not None else jnp.concatenate(tiles, axis=1)

@@ -65,13 +65,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jattr.diffusion.draws import Draws
+from jattr.curvature.diagonal import fit_diagonal
+from jattr.diffusion.draws import Draws, fixed_draws
 from jattr.diffusion.losses import per_example_loss
 from jattr.diffusion.measurements import measurement_fn
 from jattr.diffusion.schedules import Schedule
@@ -291,7 +294,6 @@ def ewc_fisher(apply_fn: ApplyFn, params: Params, schedule: Schedule, images, dr
   Returns:
     F, a pytree like ``params``.
   """
-  from jattr.curvature.diagonal import fit_diagonal
 
   return fit_diagonal(apply_fn, params, schedule, images, draws,
                       estimation_mode="fisher_empirical", batch_size=batch_size,
@@ -544,3 +546,87 @@ def mucs_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_ima
   return MucsResult(scores=scores, unlearn=UnlearnResult(
       params=None, forget_loss=l_f, null_loss=null, retain_loss=l_r, steps=steps,
       rejected=rejected), losses=out[2] if return_losses else None)
+
+
+# ---------------------------------------------------------------------------------
+# One call: a variant's scores for an in-memory model (jattr mucs, the LDS harness)
+# ---------------------------------------------------------------------------------
+
+MUCS_VARIANTS = ("mucs", "no_bound", "independent_noise", "baseline")
+"""The unlearning variants, one code path:
+
+    mucs               retain + bounded mirrored forget (λ = 0.2, stop at 0.95·L_null)
+    no_bound           the same objective without the min, the stop and the rejection
+    independent_noise  MUCS, but the original model's losses use other draws
+    baseline           gradient ascent + EWC (Wang et al. 2024), no bound, no retain
+"""
+
+
+def variant_config(variant: str, **overrides):
+  """The ``UnlearnConfig`` of a variant, with explicit overrides (None ignored)."""
+  if variant not in MUCS_VARIANTS:
+    raise ValueError(f"variant must be one of {MUCS_VARIANTS}, got {variant!r}")
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  if variant == "baseline":
+    return unlearning_baseline_config(**overrides)
+  if variant == "no_bound":
+    overrides.setdefault("bounded", False)
+  return mucs_config(**overrides)
+
+
+def mucs_attribute(apply_fn, params, init_fn, schedule, train_images, queries, *,
+                   variant: str = "mucs", config=None, trainable: str | None = None,
+                   num_draws: int = 10, timesteps: str = "uniform", draw_seed: int = 0,
+                   null_models: int = 4, seed: int = 0, skew_constant: float = 1e-6,
+                   query_chunk: int | None = 8, train_chunk: int | None = 64,
+                   fisher=None, return_losses: bool = False,
+                   parameterization: str = "eps") -> tuple[np.ndarray, dict]:
+  """τ [Q, N] of one variant for an in-memory model (what ``jattr mucs`` runs).
+
+  Usable as the body of an LDS harness ``score_fn``. Keys: draws from
+  ``key(draw_seed)`` (independent-noise draws from ``key(draw_seed + 1)``), L_null
+  models from ``fold_in(key(seed), 0)``, retain batches from ``fold_in(key(seed), 1)``.
+  ``fisher``: a precomputed EWC Fisher (``ewc_fisher`` on the same draws) to reuse
+  across calls; None computes it when the config needs it. ``return_losses`` adds
+  the unlearned models' per-draw losses [Q, N, K] to ``info["losses_u"]``.
+
+  Returns:
+    ``(tau float32 [Q, N], info)``, ``info`` holding the diagnostics and timings.
+  """
+
+  config = config or variant_config(variant)
+  image_shape = tuple(train_images.shape[1:])
+  draws = fixed_draws(jax.random.key(draw_seed), num_draws, image_shape,
+                      schedule.num_timesteps, timesteps)
+  original = None
+  if variant == "independent_noise":
+    original = fixed_draws(jax.random.key(draw_seed + 1), num_draws, image_shape,
+                           schedule.num_timesteps, timesteps)
+  key = jax.random.key(seed)
+  mask = trainable_mask(params, trainable) if trainable else None
+  t0 = time.perf_counter()
+  null = null_loss(apply_fn, init_fn, jax.random.split(jax.random.fold_in(key, 0),
+                                                            null_models),
+                        schedule, queries, draws, parameterization=parameterization)
+  if config.ewc_weight > 0 and fisher is None:
+    fisher = ewc_fisher(apply_fn, params, schedule, train_images, draws,
+                             parameterization=parameterization, chunk_size=train_chunk)
+  t1 = time.perf_counter()
+  res = mucs_scores(apply_fn, params, schedule, train_images, queries, null,
+                         jax.random.fold_in(key, 1), draws, config, mask=mask, fisher=fisher,
+                         original_draws=original, skew_constant=skew_constant,
+                         query_chunk_size=query_chunk, train_chunk_size=train_chunk,
+                         return_losses=return_losses, parameterization=parameterization)
+  tau = np.asarray(jax.block_until_ready(res.scores), np.float32)
+  t2 = time.perf_counter()
+  u = res.unlearn
+  info = {"variant": variant, "config": dataclasses.asdict(config), "trainable": trainable,
+          "num_draws": num_draws, "timesteps": timesteps, "draw_seed": draw_seed,
+          "null_models": null_models, "seed": seed, "skew_constant": skew_constant,
+          "forget_loss": np.asarray(u.forget_loss), "null_loss": np.asarray(u.null_loss),
+          "steps": np.asarray(u.steps), "rejected": np.asarray(u.rejected),
+          "seconds_setup": t1 - t0, "seconds": t2 - t0,
+          "seconds_per_query": (t2 - t0) / max(1, len(queries))}
+  if return_losses:
+    info["losses_u"] = np.asarray(res.losses)
+  return tau, info

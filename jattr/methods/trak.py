@@ -68,7 +68,7 @@ def default_damping(train_features: jax.Array,
 
   tr(ΦᵀΦ)/k is the mean eigenvalue of ΦᵀΦ, so λ is a fixed fraction c of it and the
   scores do not change when f (hence Φ) is rescaled by a constant; c is to be chosen
-  on validation queries (METHODS.md §3), not on the reported ones.
+  on validation queries (docs/evaluation.md), not on the reported ones.
 
   Args:
     train_features: Φ, [N, k].

@@ -1,5 +1,6 @@
 """Models: a small UNet in flax NNX and the bridge to a pure ``apply_fn(params, x_t, t)``."""
 
+from jattr.models.bridge import kfac_apply_fn
 from jattr.models.bridge import make_apply_fn
 from jattr.models.bridge import make_init_fn
 from jattr.models.bridge import make_layered_apply_fn

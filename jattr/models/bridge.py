@@ -16,6 +16,8 @@ by leaf order, since sorted string keys ("10" < "2") and sorted ints disagree.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from typing import Any
 
@@ -194,6 +196,17 @@ def make_model(config: UNetConfig, key: jax.Array) -> UNet:
 def make_apply_fn(config: UNetConfig) -> ApplyFn:
   """The UNet's ``apply_fn(params, x_t, t)``, built without allocating parameters."""
   return _make_apply_fn(*_abstract_unet(config))
+
+
+def kfac_apply_fn(config: UNetConfig) -> ApplyFn:
+  """The UNet's ``apply_fn`` with native convolutions, for kfac-jax.
+
+  kfac-jax's graph matcher recognises only ``lax.conv_general_dilated``
+  convolutions, not the im2col ones the CPU build of the UNet uses by default; the
+  parameters are the same, so a K-FAC fitted with this function applies to the
+  model built with ``make_apply_fn(config)``.
+  """
+  return make_apply_fn(dataclasses.replace(config, conv_impl="xla"))
 
 
 def make_layered_apply_fn(config: UNetConfig):

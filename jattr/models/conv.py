@@ -28,7 +28,7 @@ import jax.numpy as jnp
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _is_nhwc(dimension_numbers) -> bool:
+def is_nhwc(dimension_numbers) -> bool:
   if dimension_numbers is None:
     return False
   if isinstance(dimension_numbers, tuple) and all(isinstance(d, str) for d in dimension_numbers):
@@ -55,7 +55,7 @@ def im2col_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=N
   Returns:
     [B, H', W', Cout], equal (up to float rounding) to the native convolution.
   """
-  if lhs.ndim != 4 or not _is_nhwc(dimension_numbers):
+  if lhs.ndim != 4 or not is_nhwc(dimension_numbers):
     raise NotImplementedError(f"im2col_conv supports 2-D NHWC/HWIO only, got lhs.ndim={lhs.ndim}, "
                               f"dimension_numbers={dimension_numbers}")
   if any(d != 1 for d in (lhs_dilation or (1, 1))) or any(d != 1 for d in (rhs_dilation or (1, 1))):

@@ -33,8 +33,8 @@ from typing import Callable
 import jax
 from flax import nnx
 
-from jattr.features.structured import Conv, Dense, LayerFn
-from jattr.models.conv import _is_nhwc
+from jattr.layers import Conv, Dense, LayerFn
+from jattr.models.conv import is_nhwc
 
 
 def _conv_adapter(layer: LayerFn, name: str) -> Callable[..., jax.Array]:
@@ -44,7 +44,7 @@ def _conv_adapter(layer: LayerFn, name: str) -> Callable[..., jax.Array]:
            dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     del precision  # the layer function decides how to compute
     extra = {k: v for k, v in kwargs.items() if v is not None}
-    if (lhs.ndim != 4 or not _is_nhwc(dimension_numbers) or feature_group_count != 1
+    if (lhs.ndim != 4 or not is_nhwc(dimension_numbers) or feature_group_count != 1
         or any(d != 1 for d in (lhs_dilation or (1, 1))) or extra):
       raise NotImplementedError(
           f"layer {name!r}: only 2-D NHWC/HWIO convolutions without input dilation or "

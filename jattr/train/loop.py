@@ -13,18 +13,18 @@ numbers) and differ only in which examples those positions pick.
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from jattr.diffusion.losses import batch_loss
 from jattr.diffusion.schedules import Schedule
-from jattr.io import checkpoint
+from jattr.progress import Progress
+from jattr.progress import resolve as resolve_progress
+from jattr.train.checkpointer import Checkpointer, check_same_job, config_dict
 from jattr.train.state import TrainConfig, TrainState, ema_update, init_state, make_optimizer
 from jattr.types import ApplyFn
 
@@ -42,18 +42,16 @@ def draw_batch(key, data, indices, count, batch_size: int, num_timesteps: int):
   return x0, t, eps
 
 
-def make_segment_fn(apply_fn: ApplyFn, schedule: Schedule, config: TrainConfig,
-                    optimizer: optax.GradientTransformation | None = None) -> SegmentFn:
-  """Builds ``segment(state, data, indices, count, train_key, num_steps)``.
+StepFn = Callable[..., tuple[TrainState, jax.Array]]
 
-  The returned function runs ``num_steps`` (static) optimizer steps of ONE model
-  with ``lax.scan`` and returns ``(state, losses [num_steps])``. It is pure, so it
-  can be jitted as is or mapped over a member axis (see ``train_many``).
-  """
+
+def make_step_fn(apply_fn: ApplyFn, schedule: Schedule, config: TrainConfig,
+                 optimizer: optax.GradientTransformation | None = None) -> StepFn:
+  """Builds ``step(state, data, indices, count, train_key) -> (state, loss)``: ONE
+  optimizer step of one model (batch, loss, update, EMA), pure."""
   optimizer = optimizer or make_optimizer(config)
 
-  def step(carry, _):
-    state, data, indices, count, train_key = carry
+  def step(state, data, indices, count, train_key):
     key = jax.random.fold_in(train_key, state.step)
     x0, t, eps = draw_batch(key, data, indices, count, config.batch_size,
                             schedule.num_timesteps)
@@ -63,26 +61,46 @@ def make_segment_fn(apply_fn: ApplyFn, schedule: Schedule, config: TrainConfig,
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(state.ema_params, params, state.step, config.ema_decay)
-    new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-    return (new, data, indices, count, train_key), loss
+    return TrainState(step=state.step + 1, params=params, ema_params=ema,
+                      opt_state=opt_state), loss
+
+  return step
+
+
+def make_segment_fn(apply_fn: ApplyFn, schedule: Schedule, config: TrainConfig,
+                    optimizer: optax.GradientTransformation | None = None) -> SegmentFn:
+  """Builds ``segment(state, data, indices, count, train_key, num_steps)``.
+
+  The returned function runs ``num_steps`` (static) optimizer steps of ONE model
+  (``make_step_fn``) with ``lax.scan`` and returns ``(state, losses [num_steps])``.
+  It is pure, so it can be jitted as is or mapped over a member axis (see
+  ``train_many``).
+  """
+  one_step = make_step_fn(apply_fn, schedule, config, optimizer)
+
+  def body(carry, _):
+    state, data, indices, count, train_key = carry
+    state, loss = one_step(state, data, indices, count, train_key)
+    return (state, data, indices, count, train_key), loss
 
   def segment(state, data, indices, count, train_key, num_steps: int):
-    (state, *_), losses = jax.lax.scan(step, (state, data, indices, count, train_key), None,
+    (state, *_), losses = jax.lax.scan(body, (state, data, indices, count, train_key), None,
                                        length=num_steps)
     return state, losses
 
   return segment
 
 
-def _segments(start: int, total: int, size: int):
+def segments(start: int, total: int, size: int):
   """(start, length) of each remaining segment; the last may be shorter."""
   return [(s, min(size, total - s)) for s in range(start, total, size)]
 
 
 def train(apply_fn: ApplyFn, params, schedule: Schedule, data, config: TrainConfig,
-          train_key: jax.Array, *, indices=None, checkpoint_dir: str | os.PathLike | None = None,
-          meta: dict | None = None, progress: bool = True) -> tuple[TrainState, np.ndarray]:
-  """Trains one denoiser; resumable when ``checkpoint_dir`` is given.
+          train_key: jax.Array, *, indices=None, checkpointer: Checkpointer | None = None,
+          meta: dict | None = None, progress: Progress | None = None
+          ) -> tuple[TrainState, np.ndarray]:
+  """Trains one denoiser; resumable when a ``checkpointer`` is given.
 
   Args:
     apply_fn, params: the model and its initial parameters.
@@ -91,11 +109,13 @@ def train(apply_fn: ApplyFn, params, schedule: Schedule, data, config: TrainConf
     config: the recipe.
     train_key: PRNG key of the training stream (see module docstring).
     indices: optional int array selecting the training subset (default: all N).
-    checkpoint_dir: if given, the state is saved after every segment and a run
-      finding a checkpoint there continues from it (with identical results).
+    checkpointer: if given (e.g. ``jattr.io.checkpoint.Checkpointer(dir)``), the
+      state is saved after every segment and a run finding a checkpoint there
+      continues from it (with identical results).
     meta: extra JSON-able metadata stored with each checkpoint and checked on
       resume (e.g. the model config).
-    progress: show a progress bar.
+    progress: called after every segment with the steps done and the segment's
+      mean loss (``jattr.progress``).
 
   Returns:
     ``(state, losses)``: the final state and the loss of every step [num_steps].
@@ -111,34 +131,18 @@ def train(apply_fn: ApplyFn, params, schedule: Schedule, data, config: TrainConf
                     static_argnames="num_steps")
   state = init_state(params, optimizer)
   losses: list[float] = []
-  job = {"kind": "train", "config": _config_dict(config), "n": int(indices.shape[0]),
+  job = {"kind": "train", "config": config_dict(config), "n": int(indices.shape[0]),
          "key": np.asarray(jax.random.key_data(train_key)).tolist(), **(meta or {})}
-  if checkpoint_dir is not None and checkpoint.latest_step(checkpoint_dir) is not None:
-    state, saved, _ = checkpoint.restore(checkpoint_dir, state)
-    _check_same_job(checkpoint_dir, saved.get("job"), job)
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    state, saved = checkpointer.restore(state)
+    check_same_job(checkpointer, saved.get("job"), job)
     losses = list(saved["losses"])
+  report = resolve_progress(progress)
   start = int(state.step)
-  bar = tqdm(total=config.num_steps, initial=start, desc="train", disable=not progress,
-             unit="step")
-  for _, length in _segments(start, config.num_steps, config.segment_steps):
+  for _, length in segments(start, config.num_steps, config.segment_steps):
     state, seg_losses = segment(state, data, indices, count, train_key, num_steps=length)
     losses.extend(np.asarray(seg_losses).tolist())
-    bar.update(length)
-    bar.set_postfix(loss=f"{np.mean(seg_losses):.4f}")
-    if checkpoint_dir is not None:
-      checkpoint.save(checkpoint_dir, int(state.step), state, {"job": job, "losses": losses})
-  bar.close()
+    if checkpointer is not None:
+      checkpointer.save(int(state.step), state, {"job": job, "losses": losses})
+    report("train", int(state.step), config.num_steps, loss=float(np.mean(seg_losses)))
   return state, np.asarray(losses, np.float32)
-
-
-def _config_dict(config) -> dict:
-  import dataclasses
-  return {k: (list(v) if isinstance(v, tuple) else v)
-          for k, v in dataclasses.asdict(config).items()}
-
-
-def _check_same_job(directory, saved: dict | None, job: dict) -> None:
-  if saved != job:
-    raise ValueError(
-        f"checkpoint in {os.fspath(directory)!r} was written by a different job; "
-        f"saved: {saved}, now: {job}. Use another directory or delete it.")

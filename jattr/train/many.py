@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 from typing import Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jattr.diffusion.schedules import Schedule
-from jattr.io import checkpoint
-from jattr.train.loop import _check_same_job, _config_dict, _segments, make_segment_fn
+from jattr.progress import Progress
+from jattr.progress import resolve as resolve_progress
+from jattr.train.checkpointer import Checkpointer, check_same_job, config_dict
+from jattr.train.loop import make_segment_fn, segments
 from jattr.train.state import TrainConfig, TrainState, init_state, make_optimizer
 from jattr.types import ApplyFn
 
@@ -107,7 +107,7 @@ def member_keys(seed: int) -> tuple[jax.Array, jax.Array]:
   return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
 
 
-def _map_members(fn, strategy: str, chunk_size: int | None):
+def map_members(fn, strategy: str, chunk_size: int | None):
   """Lifts ``fn(state, indices, count, train_key)`` to a leading member axis."""
   if strategy == "vmap":
     return jax.vmap(fn)
@@ -135,9 +135,6 @@ class ManyResult:
   strategy: str
 
 
-_AUTO_CACHE: dict = {}
-
-
 def _time_strategy(build, strategy, chunk_size, args, steps=2) -> float:
   fn = jax.jit(lambda *a: build(strategy, chunk_size)(*a, steps))
   jax.block_until_ready(fn(*args))  # compile and warm up
@@ -148,8 +145,8 @@ def _time_strategy(build, strategy, chunk_size, args, steps=2) -> float:
 
 def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedule: Schedule,
                data, subsets, seeds, config: TrainConfig, *, strategy: Strategy = "auto",
-               chunk_size: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
-               meta: dict | None = None, progress: bool = True) -> ManyResult:
+               chunk_size: int | None = None, checkpointer: Checkpointer | None = None,
+               meta: dict | None = None, progress: Progress | None = None) -> ManyResult:
   """Trains one denoiser per subset, all in one jit-compiled program.
 
   Args:
@@ -163,10 +160,11 @@ def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedu
     config: the recipe, shared by all members.
     strategy: how the member axis runs (module docstring).
     chunk_size: members per chunk for ``"chunked"``.
-    checkpoint_dir: if given, the stacked state is saved after every segment and
-      an interrupted run resumes from it with identical results.
+    checkpointer: if given (``jattr.io.checkpoint.Checkpointer(dir)``), the
+      stacked state is saved after every segment and an interrupted run resumes
+      from it with identical results.
     meta: extra JSON-able metadata checked on resume.
-    progress: show a progress bar.
+    progress: called after every segment (``jattr.progress``).
 
   Returns:
     A ``ManyResult``.
@@ -192,7 +190,7 @@ def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedu
   def build(strat, chunk):
     def members(states, idx, cnt, tkeys, num_steps):
       fn = lambda s, i, c, k: segment(s, data, i, c, k, num_steps)  # noqa: E731
-      return _map_members(fn, strat, chunk)(states, idx, cnt, tkeys)
+      return map_members(fn, strat, chunk)(states, idx, cnt, tkeys)
     return members
 
   state = jax.jit(jax.vmap(lambda k: init_state(init_fn(k), optimizer)))(init_keys)
@@ -202,24 +200,22 @@ def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedu
 
   run = jax.jit(build(strategy, chunk_size), static_argnums=4)
   losses = np.zeros((table.num_members, 0), np.float32)
-  job = {"kind": "train_many", "config": _config_dict(config), "seeds": seeds.tolist(),
-         "subsets": _digest(table), **(meta or {})}
-  if checkpoint_dir is not None and checkpoint.latest_step(checkpoint_dir) is not None:
-    state, saved, _ = checkpoint.restore(checkpoint_dir, state)
-    _check_same_job(checkpoint_dir, saved.get("job"), job)
+  job = {"kind": "train_many", "config": config_dict(config), "seeds": seeds.tolist(),
+         "subsets": subsets_digest(table), **(meta or {})}
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    state, saved = checkpointer.restore(state)
+    check_same_job(checkpointer, saved.get("job"), job)
     losses = np.asarray(saved["losses"], np.float32).reshape(table.num_members, -1)
+  report = resolve_progress(progress)
+  desc = f"train_many[M={table.num_members}, {strategy}]"
   start = int(state.step[0])
-  bar = tqdm(total=config.num_steps, initial=start, unit="step", disable=not progress,
-             desc=f"train_many[M={table.num_members}, {strategy}]")
-  for _, length in _segments(start, config.num_steps, config.segment_steps):
+  for _, length in segments(start, config.num_steps, config.segment_steps):
     state, seg = run(state, indices, counts, train_keys, length)
     losses = np.concatenate([losses, np.asarray(seg, np.float32)], axis=1)
-    bar.update(length)
-    bar.set_postfix(loss=f"{float(np.mean(seg)):.4f}")
-    if checkpoint_dir is not None:
-      checkpoint.save(checkpoint_dir, int(state.step[0]), state,
-                      {"job": job, "losses": losses.tolist(), "strategy": strategy})
-  bar.close()
+    if checkpointer is not None:
+      checkpointer.save(int(state.step[0]), state,
+                        {"job": job, "losses": losses.tolist(), "strategy": strategy})
+    report(desc, int(state.step[0]), config.num_steps, loss=float(np.mean(seg)))
   return ManyResult(state=state, losses=losses, strategy=strategy)
 
 
@@ -228,15 +224,12 @@ def _auto_strategy(build, state, indices, counts, train_keys, apply_fn, data) ->
   m = min(8, indices.shape[0])
   if m == 1:
     return "map"
-  cache_key = (jax.default_backend(), id(apply_fn), tuple(data.shape), m)
-  if cache_key not in _AUTO_CACHE:
-    args = (jax.tree.map(lambda a: a[:m], state), indices[:m], counts[:m], train_keys[:m])
-    times = {s: _time_strategy(build, s, None, args) for s in ("map", "vmap")}
-    _AUTO_CACHE[cache_key] = min(times, key=times.get)
-  return _AUTO_CACHE[cache_key]
+  args = (jax.tree.map(lambda a: a[:m], state), indices[:m], counts[:m], train_keys[:m])
+  times = {s: _time_strategy(build, s, None, args) for s in ("map", "vmap")}
+  return min(times, key=times.get)
 
 
-def _digest(table: Subsets) -> str:
+def subsets_digest(table: Subsets) -> str:
   h = hashlib.sha256(table.indices.tobytes())
   h.update(table.counts.tobytes())
   return h.hexdigest()[:16]

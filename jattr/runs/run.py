@@ -9,20 +9,20 @@ Layout of ``<run>/``::
     samples.npz         generated samples (x [B,H,W,C] in [-1, 1], key, sampler)
     samples.png         the same as a picture
     attribution/        index.html + query_XXX.png (each sample beside its top
-                        training images), scores.npz (τ [Q, N]), train_features.npy
+                        training images), scores.npz (``tau`` [Q, N]), train_features.npy
 
-This is the edge of the library where disk lives; the CLI and the experiment
-drivers call it, and everything below it is pure.
+The workflows on run directories live here; the CLI and the experiment drivers call
+them, and everything below (the core and ``jattr.io``) neither parses flags nor
+decides where files go.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
 import time
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,104 +30,17 @@ import numpy as np
 
 from jattr import diffusion
 from jattr.data import Dataset, load_dataset, random_subset, resize
-from jattr.io import checkpoint, images
-from jattr.models import UNetConfig, config_by_name, make_apply_fn, make_init_fn, num_params
-from jattr.train import TrainConfig, TrainState, init_state, make_optimizer, member_keys, train
-
-
-@dataclasses.dataclass(frozen=True)
-class AttributionConfig:
-  """How ``jattr run`` / ``attribute_run`` attributes the generated samples.
-
-  Attributes:
-    measurement: the output function f (``jattr.diffusion.measurements``);
-      ``"square_norm"`` is D-TRAK, ``"loss"`` plain TRAK.
-    num_draws: K fixed (t, ε) draws f is averaged over.
-    timesteps: ``"uniform"`` or ``"random"`` draw timesteps.
-    draw_seed: seed of the draws.
-    proj_dim: k, the random-projection dimension.
-    proj_kind: ``"rademacher"`` or ``"gaussian"``.
-    proj_seed: seed of the projection.
-    relative_damping: TRAK damping λ as a fraction of the mean eigenvalue of ΦᵀΦ.
-    chunk_size: examples whose gradients exist at once.
-    top_k: training images shown per sample.
-  """
-
-  measurement: str = "square_norm"
-  num_draws: int = 10
-  timesteps: Literal["uniform", "random"] = "uniform"
-  draw_seed: int = 0
-  proj_dim: int = 2048
-  proj_kind: Literal["rademacher", "gaussian"] = "rademacher"
-  proj_seed: int = 0
-  relative_damping: float = 1e-3
-  chunk_size: int = 128
-  top_k: int = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-  """Everything that defines a trained model.
-
-  Attributes:
-    dataset: a ``jattr.data.load_dataset`` name.
-    data_dir: folder of the real datasets (None: ``$JATTR_DATA``; digits needs none).
-    num_train: train on a seeded random subset of this size (None: all).
-    subset_seed: seed of that subset.
-    image_size: resize images to this square size (None: native).
-    model: the UNet (a preset's config, possibly edited).
-    schedule: ``"linear"`` or ``"cosine"``.
-    num_timesteps: T.
-    train: the optimisation recipe.
-    seed: model seed; ``member_keys(seed)`` gives its init and training keys.
-    num_samples, sampler, sampler_steps, sample_seed: what ``jattr sample`` makes.
-  """
-
-  dataset: str = "digits"
-  data_dir: str | None = None
-  num_train: int | None = None
-  subset_seed: int = 0
-  image_size: int | None = None
-  model: UNetConfig = dataclasses.field(default_factory=lambda: config_by_name("digits"))
-  schedule: Literal["linear", "cosine"] = "linear"
-  num_timesteps: int = 1000
-  train: TrainConfig = TrainConfig()
-  seed: int = 0
-  num_samples: int = 64
-  sampler: Literal["ddpm", "ddim"] = "ddpm"
-  sampler_steps: int = 100
-  sample_seed: int = 0
-  attribution: AttributionConfig = AttributionConfig()
-
-  def to_json(self) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(self)))
-
-  @classmethod
-  def from_json(cls, d: dict) -> "RunConfig":
-    d = dict(d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise ValueError(f"unknown RunConfig keys {sorted(unknown)}; expected some of {sorted(known)}")
-    if isinstance(d.get("model"), str):
-      d["model"] = config_by_name(d["model"])
-    elif isinstance(d.get("model"), dict):
-      d["model"] = UNetConfig(**d["model"])
-    if isinstance(d.get("train"), dict):
-      d["train"] = TrainConfig(**d["train"])
-    if isinstance(d.get("attribution"), dict):
-      d["attribution"] = AttributionConfig(**d["attribution"])
-    return cls(**d)
-
-  @property
-  def noise_schedule(self) -> diffusion.Schedule:
-    return diffusion.Schedule(self.schedule, self.num_timesteps)
-
-
-def load_config(path: str | os.PathLike) -> RunConfig:
-  """Reads a RunConfig from JSON (``model`` may be a preset name)."""
-  with open(path) as f:
-    return RunConfig.from_json(json.load(f))
+from jattr.diffusion.measurements import measurement_fn
+from jattr.features import ProjectionConfig, featurize
+from jattr.grads import to_chunks
+from jattr.io import atomic, checkpoint, images
+from jattr.io.report import write_report
+from jattr.methods.trak import trak_fit, trak_score
+from jattr.models import make_apply_fn, make_init_fn, num_params
+from jattr.progress import Progress
+from jattr.progress import resolve as resolve_progress
+from jattr.runs.config import RunConfig, load_config
+from jattr.train import TrainState, init_state, make_optimizer, member_keys, train
 
 
 def training_data(cfg: RunConfig) -> tuple[Dataset, np.ndarray]:
@@ -149,7 +62,8 @@ def model_fns(cfg: RunConfig):
   return make_apply_fn(cfg.model), make_init_fn(cfg.model)
 
 
-def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True) -> TrainState:
+def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *,
+              progress: Progress | None = None) -> TrainState:
   """Trains (or resumes training) the run's model and writes the run directory."""
   run = pathlib.Path(run_dir)
   run.mkdir(parents=True, exist_ok=True)
@@ -157,24 +71,24 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Tr
   if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg.to_json():
     raise ValueError(f"{cfg_path} holds a different configuration; choose another run "
                      f"directory or delete it")
-  cfg_path.write_text(json.dumps(cfg.to_json(), indent=2))
+  atomic.write_json(cfg_path, cfg.to_json(), indent=2, sort_keys=False)
   ds, idx = training_data(cfg)
-  np.save(run / "train_indices.npy", idx)
+  atomic.write_npy(run / "train_indices.npy", idx)
   apply_fn, init_fn = model_fns(cfg)
   init_key, train_key = member_keys(cfg.seed)
   params = init_fn(init_key)
   t0 = time.perf_counter()
   state, losses = train(apply_fn, params, cfg.noise_schedule, ds.x, cfg.train, train_key,
-                        checkpoint_dir=run / "checkpoints", progress=progress,
+                        checkpointer=checkpoint.Checkpointer(run / "checkpoints"), progress=progress,
                         meta={"params": num_params(params)})
   elapsed = time.perf_counter() - t0
-  with open(run / "losses.csv", "w") as f:
-    f.write("step,loss\n")
-    f.writelines(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses))
-  (run / "train_summary.json").write_text(json.dumps({
+  atomic.write_text(run / "losses.csv", "step,loss\n" + "".join(
+      f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
+  atomic.write_json(run / "train_summary.json", {
       "num_params": num_params(params), "num_train": len(ds), "steps": cfg.train.num_steps,
       "final_loss_mean_last_100": float(np.mean(losses[-100:])),
-      "seconds_this_invocation": elapsed, "backend": jax.default_backend()}, indent=2))
+      "seconds_this_invocation": elapsed, "backend": jax.default_backend()},
+      indent=2, sort_keys=False)
   return state
 
 
@@ -225,7 +139,7 @@ def sample_run(run_dir: str | os.PathLike, *, num: int | None = None, seed: int 
   num = cfg.num_samples if num is None else num
   seed = cfg.sample_seed if seed is None else seed
   x = np.asarray(sample(cfg, apply_fn, params, jax.random.key(seed), num))
-  np.savez(run / "samples.npz", x=x, seed=seed, sampler=cfg.sampler)
+  atomic.write_npz(run / "samples.npz", x=x, seed=seed, sampler=cfg.sampler)
   scale = max(1, 64 // cfg.model.image_shape[0])
   png = images.save_grid(x, run / "samples.png", scale=scale, pad=2)
   return x, png
@@ -233,7 +147,7 @@ def sample_run(run_dir: str | os.PathLike, *, num: int | None = None, seed: int 
 
 
 
-def attribute_run(run_dir: str | os.PathLike, *, progress: bool = True) -> str:
+def attribute_run(run_dir: str | os.PathLike, *, progress: Progress | None = None) -> str:
   """Attributes the run's samples to its training images with (D-)TRAK; writes a report.
 
   Features are φ = Pᵀ∇_θ f(θ; x) with the run's ``AttributionConfig`` (f, K draws,
@@ -243,11 +157,6 @@ def attribute_run(run_dir: str | os.PathLike, *, progress: bool = True) -> str:
   Returns:
     The path of ``attribution/index.html``.
   """
-  from jattr.diffusion.measurements import measurement_fn
-  from jattr.features import ProjectionConfig
-  from jattr.io.report import write_report
-  from jattr.methods.trak import trak_fit, trak_score
-
   run = pathlib.Path(run_dir)
   cfg, apply_fn, params = load_run(run)
   a = cfg.attribution
@@ -266,7 +175,7 @@ def attribute_run(run_dir: str | os.PathLike, *, progress: bool = True) -> str:
   train_feats = _featurize_blocks(f, params, ds.x, proj, a.chunk_size, progress, "train")
   query_feats = _featurize_blocks(f, params, samples, proj, a.chunk_size, progress, "samples")
   t_feat = time.perf_counter() - t0
-  np.save(out / "train_features.npy", train_feats)
+  atomic.write_npy(out / "train_features.npy", train_feats)
   state = trak_fit(jnp.asarray(train_feats), relative_damping=a.relative_damping)
   scores = np.asarray(trak_score(state, jnp.asarray(query_feats)))
   method = "D-TRAK" if a.measurement != "loss" else "TRAK"
@@ -281,18 +190,17 @@ def attribute_run(run_dir: str | os.PathLike, *, progress: bool = True) -> str:
                                "featurization time": f"{t_feat:.1f} s"})
 
 
-def _featurize_blocks(f, params, x, proj, chunk_size: int, progress: bool, what: str):
-  """``featurize`` over blocks of 4 chunks with a progress bar; the last block is
-  padded (by repeating its last example) so that one compiled program serves all."""
-  from tqdm.auto import tqdm
+def _featurize_blocks(f, params, x, proj, chunk_size: int, progress: Progress | None,
+                      what: str):
+  """``featurize`` over blocks of 4 chunks, reporting progress per block.
 
-  from jattr.features import featurize
-
-  block = 4 * chunk_size
+  One compiled program serves every block: the examples are split with
+  ``jattr.grads.to_chunks`` (the last block padded with its final example)."""
+  report = resolve_progress(progress)
   n = x.shape[0]
-  pad = (-n) % block
-  xp = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
-  out = [np.asarray(featurize(f, params, jnp.asarray(xp[s:s + block]), proj,
-                              chunk_size=chunk_size))
-         for s in tqdm(range(0, n, block), desc=f"featurize {what}", disable=not progress)]
+  blocks, _ = to_chunks(np.asarray(x), 4 * chunk_size)
+  out = []
+  for b, xb in enumerate(blocks):
+    out.append(np.asarray(featurize(f, params, jnp.asarray(xb), proj, chunk_size=chunk_size)))
+    report(f"featurize {what}", min((b + 1) * 4 * chunk_size, n), n)
   return np.concatenate(out)[:n]

@@ -44,9 +44,11 @@ from jattr import models
 from jattr.diffusion import draws as draws_lib
 from jattr.diffusion import samplers
 from jattr.diffusion.schedules import Schedule
-from jattr.eval.lds import (Queries, QuerySet, member_measure_fn, noise_ceiling,
-                             spearman_brown, subset_masks, subset_size)
-from jattr.io import checkpoint
+from jattr.eval.lds import noise_ceiling, spearman_brown, subset_masks, subset_size
+from jattr.eval.measure import member_measure_fn
+from jattr.eval.selection import Queries, QuerySet
+from jattr.io import atomic, checkpoint
+from jattr.progress import Progress
 from jattr.train import TrainConfig, init_state, make_optimizer, member_keys, train_many
 from jattr.types import ApplyFn, Params
 
@@ -172,6 +174,9 @@ class LdsCache:
     apply_fn, init_fn: the model.
     draws: the K fixed draws of the measurement.
     timing: ``{stage: {"wall_s", "cpu_s"}}`` per build stage, summed over runs.
+    memo: results the harness's methods share within one process (a fitted
+      curvature, unlearned losses), keyed by the method's options; tied to this
+      loaded cache, so nothing outlives it or leaks into another cache.
   """
 
   spec: LdsSpec
@@ -185,6 +190,7 @@ class LdsCache:
   init_fn: Callable
   draws: draws_lib.Draws
   timing: dict
+  memo: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
   def schedule(self) -> Schedule:
@@ -203,22 +209,6 @@ class LdsCache:
 def cache_dir(spec: LdsSpec, root: str | os.PathLike) -> pathlib.Path:
   """``<root>/<dataset>-<first 12 hex digits of the spec hash>``."""
   return pathlib.Path(root) / f"{spec.dataset}-{spec.digest()[:12]}"
-
-
-def write_json(path: pathlib.Path, obj) -> None:
-  """Writes ``obj`` as JSON, atomically (write, then rename)."""
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-  os.replace(tmp, path)
-
-
-def write_npz(path: pathlib.Path, **arrays) -> None:
-  """Writes ``arrays`` to ``path`` (.npz), atomically (write, then rename)."""
-  # Write-then-rename: a build killed mid-write never leaves a half file that a
-  # resumed build would take for a finished stage.
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
 
 
 class _Timer:
@@ -252,7 +242,7 @@ def add_timing(directory: pathlib.Path, stage: str, wall: float, cpu: float) -> 
   entry["wall_s"] += wall
   entry["cpu_s"] += cpu
   timing[stage] = entry
-  write_json(path, timing)
+  atomic.write_json(path, timing)
 
 
 # ---------------------------------------------------------------------------------
@@ -325,7 +315,7 @@ def generate(apply_fn: ApplyFn, params: Params, spec: LdsSpec, keys: jax.Array,
   return np.asarray(jax.jit(lambda ks: jax.lax.map(lambda k: fn(params, k), ks))(keys))
 
 
-def _abstract_state(init_fn, config: TrainConfig, num_members: int):
+def abstract_state(init_fn, config: TrainConfig, num_members: int):
   optimizer = make_optimizer(config)
   one = jax.eval_shape(lambda k: init_state(init_fn(k), optimizer), member_keys(0)[0])
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct((num_members,) + a.shape, a.dtype), one)
@@ -335,7 +325,7 @@ def _finished_state(directory: pathlib.Path, init_fn, config: TrainConfig, num_m
   """The stacked state of a finished train_many run in ``directory``, or None."""
   if checkpoint.latest_step(directory) != config.num_steps:
     return None
-  state, _, _ = checkpoint.restore(directory, _abstract_state(init_fn, config, num_members))
+  state, _, _ = checkpoint.restore(directory, abstract_state(init_fn, config, num_members))
   return state
 
 
@@ -356,19 +346,19 @@ def check_spec_record(path: pathlib.Path, record: dict) -> None:
       raise ValueError(f"{path} holds a different spec (digest {saved.get('digest')}, "
                        f"expected {record['digest']}); remove the directory or use another root")
   else:
-    write_json(path, record)
+    atomic.write_json(path, record)
 
 
 def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
           model: tuple[Callable, ApplyFn] | None = None, strategy: str = "map",
           chunk_size: int | None = None, query_chunk: int = 64,
-          progress: bool = True) -> LdsCache:
+          progress: Progress | None = None) -> LdsCache:
   """Builds the cache of ``spec`` under ``root``, or loads it if it is there.
 
   Stages, each skipped when its output exists (module docstring): split and
   subsets; the full-data model; query images (generated from the full model);
   then per seed replicate r = 0..S−1, the M subset models and their measurements.
-  The measurements y[q, j, r] are ``jattr.eval.lds.measure_loss`` of the EMA
+  The measurements y[q, j, r] are ``jattr.eval.measure.measure_loss`` of the EMA
   parameters over the spec's fixed draws.
 
   Args:
@@ -380,7 +370,7 @@ def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
     strategy, chunk_size: how ``train_many`` runs the member axis; they do not
       change the models, so they are not part of the hash.
     query_chunk: queries per measurement call.
-    progress: show progress bars.
+    progress: ``jattr.progress`` callback for the trainings.
 
   Returns:
     The loaded ``LdsCache``.
@@ -402,7 +392,9 @@ def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
     train_idx, val_idx, test_idx = data_lib.split_indices(
         len(ds), [spec.num_train, spec.num_validation, spec.num_test], spec.split_seed)
     masks = subset_masks(spec.num_train, spec.num_subsets, spec.alpha, spec.subset_seed)
-    write_npz(split_path, train=train_idx, validation=val_idx, test=test_idx, masks=masks)
+    # Write-then-rename (jattr.io.atomic): a build killed mid-write never leaves a
+    # half file that a resumed build would take for a finished stage.
+    atomic.write_npz(split_path, train=train_idx, validation=val_idx, test=test_idx, masks=masks)
   split = dict(np.load(split_path))
   train_images = ds.x[split["train"]]
   masks = split["masks"]
@@ -414,7 +406,8 @@ def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
     with _Timer(directory, "full_model"):
       state = train_many(apply_fn, init_fn, sched, train_images,
                          np.ones((1, spec.num_train), bool), [spec.full_seed], config,
-                         strategy=strategy, chunk_size=chunk_size, checkpoint_dir=full_dir,
+                         strategy=strategy, chunk_size=chunk_size,
+                         checkpointer=checkpoint.Checkpointer(full_dir),
                          meta={"lds_cache": spec.digest()}, progress=progress).state
   full_params = jax.tree.map(lambda a: a[0], state.ema_params)
 
@@ -425,7 +418,7 @@ def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
       keys = sample_keys(spec)
       gen = (generate(apply_fn, full_params, spec, keys, image_shape) if spec.num_generated
              else np.zeros((0,) + image_shape, np.float32))
-      write_npz(queries_path, validation=ds.x[split["validation"]], test=ds.x[split["test"]],
+      atomic.write_npz(queries_path, validation=ds.x[split["validation"]], test=ds.x[split["test"]],
                  generated=gen, generated_keys=np.asarray(jax.random.key_data(keys)))
   qz = dict(np.load(queries_path))
   all_queries = np.concatenate([qz[s] for s in SPLITS])
@@ -445,12 +438,13 @@ def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
         with _Timer(directory, f"train_replicate_{r}"):
           state = train_many(apply_fn, init_fn, sched, train_images, masks,
                              [r] * spec.num_subsets, config, strategy=strategy,
-                             chunk_size=chunk_size, checkpoint_dir=model_dir,
+                             chunk_size=chunk_size,
+                             checkpointer=checkpoint.Checkpointer(model_dir),
                              meta={"lds_cache": spec.digest(), "replicate": r},
                              progress=progress).state
       with _Timer(directory, f"measure_replicate_{r}"):
         y = np.asarray(measure(state.ema_params, jnp.asarray(all_queries)), np.float64)
-        write_npz(y_path, y=y)
+        atomic.write_npz(y_path, y=y)
     ys.append(np.load(y_path)["y"])
   y_all = np.stack(ys, axis=-1)  # [Q_total, M, S]
 
@@ -476,7 +470,7 @@ def save_report(path: str | os.PathLike, record: dict) -> None:
   """Writes a results record (JSON) atomically, creating parent folders."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  write_json(path, record)
+  atomic.write_json(path, record)
 
 
 def cache_summary(cache: LdsCache) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Influence functions (K-FAC, EK-FAC, diagonal GGN, the dense GGN) for the LDS harness.
 
 Each factory has the harness signature ``factory(cache, **options) -> (score_fn, grid)``
-(``jattr.eval.cli``). It fits the curvature of the training loss of the cache's
+(``jattr.bench.registry``). It fits the curvature of the training loss of the cache's
 full-data model once, over its N training images and K fixed draws, and
 ``score_fn(hparams, queries)`` returns
 
@@ -14,8 +14,8 @@ method-specific tuning); the others choose the factor on validation queries from
 ``DAMPING_FACTOR_GRID``.
 
 The ``dense_ggn`` variants use the exact GGN (``jattr.curvature.dense_ggn``), the
-quantity K-FAC and EK-FAC approximate, eigendecomposed once in float64 (the digits
-benchmark's P = 12,921: G is 1.3 GB).
+quantity K-FAC and EK-FAC approximate, eigendecomposed once in float64
+(``jattr.curvature.dense_state``; the digits benchmark's P = 12,921: G is 1.3 GB).
 
 K-FAC is fitted on the UNet rebuilt with native convolutions (``conv_impl="xla"``,
 same parameters): kfac-jax's graph matcher does not recognise the im2col
@@ -26,10 +26,8 @@ function for the results table.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,17 +35,20 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jattr import models
-from jattr.curvature import fit_diagonal, fit_ekfac, fit_kfac
-from jattr.curvature.ggn import DEFAULT_ESTIMATION_MODE, dense_ggn
+from jattr.bench import lds_cache
+from jattr.curvature import (CURVATURE_KINDS, DEFAULT_ESTIMATION_MODE, MAX_DENSE_PARAMS,
+                             curvature_kind, dense_ggn, dense_state, fit_diagonal, fit_ekfac,
+                             fit_kfac, inverse_vp_fn)
+from jattr.curvature.dense import check_dense_size
 from jattr.diffusion import draws as draws_lib
-from jattr.io import lds_cache
 from jattr.diffusion.measurements import measurement_fn
 from jattr.grads.per_example import per_example_flat_grads
-from jattr.methods.influence import influence_scores, inverse_vp_fn
+from jattr.methods.influence import influence_scores
 
-MAX_DENSE_PARAMS = 20_000  # G in float64: 3 GiB, and about as much again for eigh
 DAMPING_FACTOR_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-APPROXIMATIONS = ("kfac", "ekfac", "diagonal", "identity", "dense", "dense_blockdiag")
+APPROXIMATIONS = (*CURVATURE_KINDS, "identity", "dense_blockdiag")
+"""What the harness fits: every stored curvature kind, the identity (exact gradient
+dot products) and the dense GGN's within-layer blocks."""
 
 
 def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand",
@@ -65,11 +66,8 @@ def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand"
   if approx == "identity":  # C = I: the exact (unprojected) gradient dot product
     return None, draws, 0.0
   if approx in ("dense", "dense_blockdiag"):
-    p = ravel_pytree(cache.full_params)[0].size
-    if p > MAX_DENSE_PARAMS:
-      raise ValueError(f"approx={approx!r} needs G [P, P] with P = {p:,} parameters, above "
-                       f"MAX_DENSE_PARAMS = {MAX_DENSE_PARAMS:,} ({8 * p * p / 2**30:.1f} GiB "
-                       "in float64); use kfac or ekfac")
+    check_dense_size(ravel_pytree(cache.full_params)[0].size, MAX_DENSE_PARAMS,
+                     what=f"approx={approx!r}")
     # The exact GGN G [P, P] (the reference every other curvature approximates),
     # eigendecomposed once in float64 so that each damping of the grid costs a
     # diagonal rescaling: (G + λI)⁻¹ = U diag(1/(s + λ)) Uᵀ.
@@ -80,14 +78,13 @@ def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand"
       # with each block exact, to separate its two approximations.
       layer = layer_ids(cache.full_params)
       g = np.where(layer[:, None] == layer[None, :], g, 0.0)
-    s, u = np.linalg.eigh(g)
-    return DenseEig(np.maximum(s, 0.0), u), draws, time.perf_counter() - t0
+    return dense_state(g), draws, time.perf_counter() - t0
   if approx == "diagonal":
     state = fit_diagonal(cache.apply_fn, cache.full_params, cache.schedule, train, draws,
                          batch_size=batch_size, parameterization=param)
   else:
-    config = dataclasses.replace(lds_cache.unet_config(cache.spec, shape), conv_impl="xla")
-    state = fit_kfac(models.make_apply_fn(config), cache.full_params, cache.schedule, train,
+    kfac_apply = models.kfac_apply_fn(lds_cache.unet_config(cache.spec, shape))
+    state = fit_kfac(kfac_apply, cache.full_params, cache.schedule, train,
                      draws, weight_sharing=weight_sharing, batch_size=batch_size,
                      parameterization=param, estimation_mode=estimation_mode)
     if approx == "ekfac":
@@ -108,25 +105,16 @@ def layer_ids(params) -> np.ndarray:
                          in zip(parents, flat)])
 
 
-class DenseEig(NamedTuple):
-  """G = U diag(s) Uᵀ in float64: the exact GGN (``"dense"``) or its within-layer
-  blocks (``"dense_blockdiag"``)."""
-
-  eigvals: np.ndarray
-  eigvecs: np.ndarray
-
-
-_FITTED: dict = {}
-
-
 def _fit_once(cache, **options):
-  """``fit_curvature``, memoised per cache and options within one process (the tuned
-  and the ``_default`` variant of a method share one fit; the time is the fit's)."""
-  key = (str(cache.directory), cache.spec.digest(), tuple(sorted(options.items())))
-  if key not in _FITTED:
-    _FITTED.clear()  # one curvature at a time: a 30M-parameter state is large
-    _FITTED[key] = fit_curvature(cache, **options)
-  return _FITTED[key]
+  """``fit_curvature``, memoised in ``cache.memo`` per options (the tuned and the
+  ``_default`` variant of a method share one fit; the time is the fit's). One
+  curvature is kept at a time: a 30M-parameter state is large."""
+  key = ("curvature", tuple(sorted(options.items())))
+  if key not in cache.memo:
+    for k in [k for k in cache.memo if k[0] == "curvature"]:
+      del cache.memo[k]
+    cache.memo[key] = fit_curvature(cache, **options)
+  return cache.memo[key]
 
 
 def influence_method(cache, *, approx: str = "kfac", weight_sharing: str = "expand",
@@ -149,7 +137,8 @@ def influence_method(cache, *, approx: str = "kfac", weight_sharing: str = "expa
   query_grads = {}
   unravel = ravel_pytree(cache.full_params)[1]
 
-  if isinstance(state, DenseEig):
+  dense = state is not None and curvature_kind(state) == "dense"
+  if dense:
     # τ = (∇m U) diag(1/(s + λ)) (∇ℓ U)ᵀ with λ = factor × mean(s) = factor × tr(G)/P,
     # the default of ``dense_inverse_vp``; the rotated training gradients are reused.
     train_rot = np.asarray(train_grads, np.float64) @ state.eigvecs
@@ -157,7 +146,7 @@ def influence_method(cache, *, approx: str = "kfac", weight_sharing: str = "expa
   def score_fn(hparams, queries):
     key = (queries.name, queries.images.shape)
     factor = hparams.get("damping_factor", 0.1)
-    if isinstance(state, DenseEig):
+    if dense:
       if key not in query_grads:
         query_grads[key] = np.asarray(grads(m_fn, jnp.asarray(queries.images)),
                                       np.float64) @ state.eigvecs
@@ -200,4 +189,4 @@ def _variants() -> dict:
   return out
 
 
-VARIANTS = _variants()
+LDS_VARIANTS = _variants()

@@ -1,10 +1,10 @@
-"""Drivers and CLI subcommands ``jattr lds`` and ``jattr counterfactual``.
+"""The LDS and counterfactual drivers (``jattr lds``, ``jattr counterfactual``).
 
 Both read an experiment config (JSON; see ``experiments/digits_lds/``):
 
     {
       "name": "digits_lds",
-      "spec": {...},                      # jattr.io.lds_cache.LdsSpec fields
+      "spec": {...},                      # jattr.bench.lds_cache.LdsSpec fields
       "cache_root": "runs/lds_cache",     # where caches live (keyed by the spec hash)
       "data_dir": null,                   # for fashion_mnist / cifar2 (else $JATTR_DATA)
       "strategy": "map", "chunk_size": null, "query_chunk": 64,
@@ -16,95 +16,32 @@ Both read an experiment config (JSON; see ``experiments/digits_lds/``):
     }
 
 ``jattr lds`` builds (or reuses) the cache, scores every requested method with
-validation-only selection (``jattr.eval.lds.select_and_evaluate``), prints the
+validation-only selection (``jattr.eval.selection.select_and_evaluate``), prints the
 table (LDS on test real queries and on generated queries, with intervals, and the
 noise ceilings) and writes the results record. Any score matrices computed
 elsewhere enter with ``--scores NAME=PATH.npz`` (keys ``validation``, ``test``,
 ``generated``, each τ [Q, N] over the cache's training set).
 
-Adding a method: register ``METHODS[name] = factory`` where
-``factory(cache, **options) -> (score_fn, grid)``; ``score_fn(hparams, queries)``
-returns τ [Q, N] (positive = proponent) and ``grid`` lists the candidate
-hyper-parameters (``[{}]`` if none).
+Methods are registered by name in ``jattr.bench.registry.METHODS``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 import time
-import zlib
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattr.eval import curvature_methods
-from jattr.eval import ensemble_method, gradient_methods
+from jattr.bench import lds_cache
+from jattr.bench.registry import METHODS, scores_file_method
 from jattr.eval.counterfactual import counterfactual as run_removal
-from jattr.eval.lds import VALIDATION, select_and_evaluate, results_table
-from jattr.io import lds_cache
-from jattr.methods import unlearning_cli
-
-
-# ---------------------------------------------------------------------------------
-# Methods
-# ---------------------------------------------------------------------------------
-
-
-def random_method(cache: lds_cache.LdsCache, seed: int = 0):
-  """τ[q, i] ~ N(0, 1), fixed per split: a harness check whose LDS must be ~0."""
-  n = cache.masks.shape[1]
-
-  def score_fn(hparams, queries):
-    rng = np.random.default_rng([seed, zlib.crc32(queries.name.encode())])
-    return rng.normal(size=(queries.images.shape[0], n))
-
-  return score_fn, [{}]
-
-
-def pixel_cosine_method(cache: lds_cache.LdsCache):
-  """τ[q, i] = cos(x_q, x_i) of flattened pixels (``jattr.methods.baselines``)."""
-  from jattr.methods.baselines import pixel_cosine  # pylint: disable=g-import-not-at-top
-
-  train = jnp.asarray(cache.train_images)
-
-  def score_fn(hparams, queries):
-    return np.asarray(pixel_cosine(jnp.asarray(queries.images), train))
-
-  return score_fn, [{}]
-
-
-def scores_file_method(path: str | pathlib.Path):
-  """Precomputed τ from an .npz with one [Q, N] array per split name."""
-  with np.load(path) as z:
-    table = {k: np.asarray(z[k]) for k in z.files}
-
-  def score_fn(hparams, queries):
-    if queries.name not in table:
-      raise ValueError(f"{path} has no scores for the {queries.name!r} split; found "
-                       f"{sorted(table)}")
-    return table[queries.name]
-
-  return score_fn, [{}]
-
-
-METHODS: dict[str, Callable] = {
-    "random": random_method,
-    "pixel_cosine": pixel_cosine_method,
-    **gradient_methods.VARIANTS,
-    **curvature_methods.VARIANTS,
-    "ensemble": ensemble_method.ensemble_method,
-    **unlearning_cli.LDS_VARIANTS,
-}
-
-
-# ---------------------------------------------------------------------------------
-# Drivers
-# ---------------------------------------------------------------------------------
+from jattr.eval.selection import VALIDATION, results_table, select_and_evaluate
+from jattr.io import atomic, checkpoint
+from jattr.progress import Progress
 
 
 def load_config(path: str | pathlib.Path) -> dict:
@@ -116,7 +53,7 @@ def load_config(path: str | pathlib.Path) -> dict:
   return config
 
 
-def build_cache(config: dict, *, progress: bool = True) -> lds_cache.LdsCache:
+def build_cache(config: dict, *, progress: Progress | None = None) -> lds_cache.LdsCache:
   """Builds or loads the cache a config describes."""
   spec = lds_cache.LdsSpec.from_dict(config["spec"])
   return lds_cache.build(spec, config.get("cache_root", "runs/lds_cache"),
@@ -136,7 +73,7 @@ def _method_list(config: dict, methods, scores: dict | None):
 
 
 def run_lds(config: dict, *, methods=None, scores: dict | None = None,
-            results_path: str | None = None, progress: bool = True,
+            results_path: str | None = None, progress: Progress | None = None,
             out=None) -> dict:
   """Builds/reuses the cache, scores methods, prints the table, writes the record.
 
@@ -145,7 +82,7 @@ def run_lds(config: dict, *, methods=None, scores: dict | None = None,
     methods: names from ``METHODS``; default: the config's ``methods``.
     scores: extra ``{name: path.npz}`` precomputed score matrices.
     results_path: where to write the JSON record (default: the config's ``results``).
-    progress: progress bars.
+    progress: ``jattr.progress`` callback for the cache build.
     out: where the table is printed (default: the current ``sys.stdout``).
 
   Returns:
@@ -229,7 +166,7 @@ def chosen_hparams(path: str | pathlib.Path, method: str, spec_digest: str) -> d
 
 def run_counterfactual(config: dict, *, method: str | None = None, scores: str | None = None,
                        num_queries: int | None = None, ks=None, random_seed: int | None = None,
-                       results_path: str | None = None, progress: bool = True,
+                       results_path: str | None = None, progress: Progress | None = None,
                        chosen_from: str | None = None, out=None) -> dict:
   """Counterfactual retraining for the first generated queries of a config's cache.
 
@@ -276,8 +213,9 @@ def run_counterfactual(config: dict, *, method: str | None = None, scores: str |
                     lds_cache.make_sample_fn(cache.apply_fn, cache.spec, image_shape),
                     keys, gen.queries.images[:num_queries], seed=cache.spec.full_seed, ks=ks,
                     random_seed=random_seed, strategy=config.get("strategy", "map"),
-                    chunk_size=config.get("chunk_size"), checkpoint_dir=ckpt,
-                    control_dir=control, progress=progress)
+                    chunk_size=config.get("chunk_size"),
+                    checkpointer=checkpoint.Checkpointer(ckpt),
+                    control_checkpointer=checkpoint.Checkpointer(control), progress=progress)
   rows = res.summary()
   record = {"name": config.get("name"), "spec_digest": cache.spec.digest(), "method": method,
             "chosen": chosen, "chosen_from": chosen_from, "num_queries": num_queries,
@@ -285,8 +223,8 @@ def run_counterfactual(config: dict, *, method: str | None = None, scores: str |
             "summary": rows}
   path = results_path or cf.get("results") or str(ckpt) + ".json"
   lds_cache.save_report(path, record)
-  np.savez(pathlib.Path(path).with_suffix(".npz"), l2=res.l2, ssim=res.ssim,
-           removed=res.removed, ks=np.asarray(ks))
+  atomic.write_npz(pathlib.Path(path).with_suffix(".npz"), l2=res.l2, ssim=res.ssim,
+                   removed=res.removed, ks=np.asarray(ks))
   print(f"counterfactual {method} on {num_queries} generated queries "
         f"(attributed vs random removal)", file=out)
   print("| k | L2 attributed | L2 random | SSIM attributed | SSIM random | "
@@ -300,104 +238,6 @@ def run_counterfactual(config: dict, *, method: str | None = None, scores: str |
   return record
 
 
-# ---------------------------------------------------------------------------------
-# argparse
-# ---------------------------------------------------------------------------------
-
-
-def _parse_scores(items) -> dict:
-  out = {}
-  for item in items or []:
-    name, sep, path = item.partition("=")
-    if not sep or not name or not path:
-      raise ValueError(f"--scores must look like NAME=PATH.npz, got {item!r}")
-    out[name] = path
-  return out
-
-
-def _apply_overrides(config: dict, args) -> dict:
-  config = dict(config)
-  for key in ("cache_root", "data_dir"):
-    if getattr(args, key, None) is not None:
-      config[key] = getattr(args, key)
-  return config
-
-
-def _lds_main(args) -> int:
-  config = _apply_overrides(load_config(args.config), args)
-  run_lds(config, methods=args.method, scores=_parse_scores(args.scores),
-          results_path=args.results, progress=not args.no_progress)
-  return 0
-
-
-def _counterfactual_main(args) -> int:
-  config = _apply_overrides(load_config(args.config), args)
-  run_counterfactual(config, method=args.method, scores=args.scores,
-                     chosen_from=args.chosen_from,
-                     num_queries=args.num_queries, ks=args.ks, random_seed=args.random_seed,
-                     results_path=args.results, progress=not args.no_progress)
-  return 0
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", required=True, help="experiment config (JSON)")
-  p.add_argument("--cache-root", default=None, help="override the config's cache_root")
-  p.add_argument("--data-dir", default=None, help="override the config's data_dir")
-  p.add_argument("--results", default=None, help="where to write the JSON record")
-  p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def add_lds_parser(subparsers) -> argparse.ArgumentParser:
-  """Adds ``lds``: build/reuse the LDS cache and print the benchmark table.
-
-  Sets ``func`` on the parsed namespace: ``args.func(args)`` runs it.
-  """
-  p = subparsers.add_parser(
-      "lds", help="linear datamodeling score of attribution methods (builds/reuses the cache)",
-      description="Builds (or reuses) the retrained-subset cache of a config and prints LDS "
-                  "on test real and generated queries, with bootstrap intervals and the "
-                  "noise ceiling. Hyper-parameters are selected on validation queries only.")
-  _common(p)
-  p.add_argument("--method", action="append", default=None, choices=sorted(METHODS),
-                 help="method to score (repeatable; default: the config's methods)")
-  p.add_argument("--scores", action="append", default=[], metavar="NAME=PATH.npz",
-                 help="precomputed scores: .npz with validation/test/generated [Q, N]")
-  p.set_defaults(func=_lds_main)
-  return p
-
-
-def add_counterfactual_parser(subparsers) -> argparse.ArgumentParser:
-  """Adds ``counterfactual``: remove top-k attributed vs k random examples, retrain,
-  regenerate from the same noise, report pixel L2 and SSIM change."""
-  p = subparsers.add_parser(
-      "counterfactual", help="retrain without the top-k attributed examples and regenerate",
-      description="For the first generated queries of the config's cache, removes the top-k "
-                  "attributed (and k random) training examples, retrains with the same "
-                  "recipe and seed, regenerates from the same noise, and reports the change.")
-  _common(p)
-  p.add_argument("--method", default=None, choices=sorted(METHODS),
-                 help="attribution method (default: the config's counterfactual.method)")
-  p.add_argument("--scores", default=None, metavar="PATH.npz",
-                 help="precomputed scores (.npz with a 'generated' [Q, N] array)")
-  p.add_argument("--num-queries", type=int, default=None)
-  p.add_argument("--ks", type=int, nargs="+", default=None)
-  p.add_argument("--random-seed", type=int, default=None)
-  p.add_argument("--chosen-from", default=None, metavar="RESULTS.json",
-                 help="take the method's hyper-parameters from a `jattr lds` record (chosen "
-                      "on validation there) instead of re-running its validation grid")
-  p.set_defaults(func=_counterfactual_main)
-  return p
-
-
-def main(argv=None) -> int:
-  """Standalone entry point: ``python -m jattr.eval.cli {lds,counterfactual} ...``."""
-  parser = argparse.ArgumentParser(prog="jattr")
-  sub = parser.add_subparsers(dest="command", required=True)
-  add_lds_parser(sub)
-  add_counterfactual_parser(sub)
-  args = parser.parse_args(argv)
-  return args.func(args)
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+def with_overrides(config: dict, **overrides) -> dict:
+  """A copy of ``config`` with the given top-level keys replaced (None: left as is)."""
+  return {**config, **{k: v for k, v in overrides.items() if v is not None}}

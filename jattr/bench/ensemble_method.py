@@ -1,7 +1,7 @@
 """The encoded ensemble (Dai & Gifford 2023) as an LDS-harness method.
 
 ``ensemble_method(cache, ...)`` trains (once; resumable and cached inside the LDS
-cache, ``jattr.io.ensemble_cache``) M members on a binary-code design over the
+cache, ``jattr.bench.ensemble_cache``) M members on a binary-code design over the
 cache's training set with the cache's recipe, measures every member on every
 query split, and scores
 
@@ -14,13 +14,13 @@ measurement draws (``draw_seed`` 1) are not the benchmark's (seed 0).
 
 from __future__ import annotations
 
-from jattr.io import ensemble_cache
+from jattr.bench import ensemble_cache
 from jattr.methods import ensembles
 
 
 def ensemble_method(cache, *, num_members: int = 32, design: str = "binary_code",
                     design_seed: int = 0, seed: int = 2, num_draws: int = 100,
-                    draw_seed: int = 1, strategy: str = "map", progress: bool = False):
+                    draw_seed: int = 1, strategy: str = "map", progress=None):
   """Harness factory ``(score_fn, [{}])``; the cost is the members' training (cached)."""
   spec = ensemble_cache.EnsembleSpec(num_members=num_members, design=design,
                                      design_seed=design_seed, seed=seed)

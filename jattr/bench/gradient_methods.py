@@ -1,7 +1,7 @@
 """Gradient-feature methods (TRAK, D-TRAK, gradient dot/cosine) for the LDS harness.
 
 Each factory has the harness signature ``factory(cache, **options) -> (score_fn, grid)``
-(``jattr.eval.cli``): it featurises the cache's training set once, under the
+(``jattr.bench.registry``): it featurises the cache's training set once, under the
 full-data model, and ``score_fn(hparams, queries)`` featurises the queries with the
 same output function, draws and projection and returns τ [Q, N].
 
@@ -33,7 +33,7 @@ from jattr.diffusion import draws as draws_lib
 from jattr.diffusion.measurements import measurement_fn
 from jattr.features.projection import ProjectionConfig, featurize
 from jattr.features.structured import StructuredConfig, structured_featurize
-from jattr.io.lds_cache import unet_config
+from jattr.bench.lds_cache import unet_config
 from jattr.methods import baselines
 from jattr.methods.trak import DEFAULT_RELATIVE_DAMPING, trak_fit, trak_score
 
@@ -200,4 +200,4 @@ def _variants() -> dict:
   return out
 
 
-VARIANTS = _variants()
+LDS_VARIANTS = _variants()

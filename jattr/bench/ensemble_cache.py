@@ -32,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattr.diffusion import draws as draws_lib
-from jattr.eval.lds import member_measure_fn
-from jattr.io import checkpoint
-from jattr.io import lds_cache
+from jattr.bench import lds_cache
+from jattr.eval.measure import member_measure_fn
+from jattr.io import atomic, checkpoint
 from jattr.methods import ensembles
+from jattr.progress import Progress
 from jattr.train import train_many
 from jattr.types import Params
 
@@ -114,7 +115,8 @@ def train_labels(cache: lds_cache.LdsCache, data_dir=None) -> np.ndarray:
 
 
 def build(cache: lds_cache.LdsCache, spec: EnsembleSpec, *, strategy: str = "map",
-          chunk_size: int | None = None, data_dir=None, progress: bool = True) -> Ensemble:
+          chunk_size: int | None = None, data_dir=None,
+          progress: Progress | None = None) -> Ensemble:
   """Trains (or resumes, or loads) the ensemble of ``spec`` beside ``cache``.
 
   Args:
@@ -122,7 +124,7 @@ def build(cache: lds_cache.LdsCache, spec: EnsembleSpec, *, strategy: str = "map
     spec: the ensemble.
     strategy, chunk_size: ``train_many``'s member axis (not part of the hash).
     data_dir: data directory, for the labels when ``group_by == "class"``.
-    progress: progress bars.
+    progress: ``jattr.progress`` callback for the training.
 
   Returns:
     The loaded ``Ensemble``.
@@ -141,7 +143,7 @@ def build(cache: lds_cache.LdsCache, spec: EnsembleSpec, *, strategy: str = "map
     groups = train_labels(cache, data_dir) if spec.group_by == "class" else None
     masks = ensembles.design_splits(n, spec.num_members, spec.design, seed=spec.design_seed,
                                     group_size=spec.group_size, groups=groups)
-    lds_cache.write_npz(design_path, masks=masks)
+    atomic.write_npz(design_path, masks=masks)
 
   config = cache.train_config
   model_dir = directory / "members"
@@ -149,7 +151,7 @@ def build(cache: lds_cache.LdsCache, spec: EnsembleSpec, *, strategy: str = "map
   wall, cpu = time.perf_counter(), time.process_time()
   res = train_many(cache.apply_fn, cache.init_fn, cache.schedule, cache.train_images, masks,
                    [spec.seed] * spec.num_members, config, strategy=strategy,
-                   chunk_size=chunk_size, checkpoint_dir=model_dir,
+                   chunk_size=chunk_size, checkpointer=checkpoint.Checkpointer(model_dir),
                    meta={"ensemble": record["digest"]}, progress=progress)
   if not done:
     lds_cache.add_timing(directory, "train_members", time.perf_counter() - wall,
@@ -165,7 +167,7 @@ def measure_splits(ensemble: Ensemble, cache: lds_cache.LdsCache, *, num_draws: 
                    query_chunk: int = 64) -> dict[str, np.ndarray]:
   """y [Q, M]: each member's loss on each query split of the cache, cached on disk.
 
-      y[q, m] = 1/K Σ_k ℓ(θ_m; x_q, t_k, ε_k)      (``jattr.eval.lds.measure_loss``)
+      y[q, m] = 1/K Σ_k ℓ(θ_m; x_q, t_k, ε_k)      (``jattr.eval.measure.measure_loss``)
 
   over K draws of ``draw_seed`` (default 1: not the benchmark's measurement draws,
   which a method must not see).
@@ -189,7 +191,7 @@ def measure_splits(ensemble: Ensemble, cache: lds_cache.LdsCache, *, num_draws: 
   y = np.asarray(fn(ensemble.params, jnp.asarray(images)), np.float64)
   bounds = np.cumsum([0] + [cache.splits[s].queries.images.shape[0] for s in names])
   out = {s: y[a:b] for s, a, b in zip(names, bounds[:-1], bounds[1:])}
-  lds_cache.write_npz(path, **out)
+  atomic.write_npz(path, **out)
   lds_cache.add_timing(ensemble.directory, f"measure_k{num_draws}",
                        time.perf_counter() - wall, time.process_time() - cpu)
   return out

@@ -1,4 +1,5 @@
-"""``jattr featurize`` and ``jattr score``: gradient features on disk, and scores from them.
+"""Featurizing a run into feature stores, and scores from two stores (``jattr featurize``,
+``jattr score``).
 
     jattr featurize --run DIR --out STORE [--queries train|test|samples] [--like STORE]
                     [--measurement square_norm] [--num-draws 10] [--timesteps uniform]
@@ -18,7 +19,7 @@ exactly as the train features were (a flag that contradicts it raises).
 
 ``score`` reads a train store Φ [N, k] and a query store Φ_q [Q, k], refuses them
 unless they share the model, measurement, draws and projection
-(``store_featurize.check_compatible``), and writes τ [Q, N] (``tau``) with both
+(``jattr.io.feature_store.check_compatible``), and writes τ [Q, N] (``tau``) with both
 stores' configurations to an .npz:
 
     trak         τ = Φ_q (ΦᵀΦ + λI)⁻¹ Φᵀ      (jattr.methods.trak_fit / trak_score)
@@ -30,77 +31,40 @@ stores' configurations to an .npz:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import pathlib
-import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-QUERIES = ("train", "test", "samples")
-METHODS = ("trak", "grad_dot", "grad_cosine")
-# Datasets with a test split (jattr.data.load_dataset(split="test")); the others'
-# held-out queries are the train-split images outside the run's training subset.
-_TEST_SPLIT_DATASETS = ("fashion_mnist", "cifar2")
-# The featurize flags --like can fill, with their defaults when there is no --like.
-_SPEC_DEFAULTS = {"measurement": "square_norm", "num_draws": 10, "timesteps": "uniform",
-                  "draw_seed": 0, "proj_dim": 4096, "proj_kind": "rademacher", "proj_seed": 0,
-                  "block_size": 1024, "time": None}
-# Default budget for one chunk of per-example gradients (chunk_size × P float32).
-_GRAD_CHUNK_BYTES = 1 << 30
+from jattr.data import load_dataset, resize, take
+from jattr.diffusion import fixed_draws
+from jattr.diffusion.measurements import measurement_fn
+from jattr.features.projection import ProjectionConfig
+from jattr.io import atomic
+from jattr.io.feature_store import FeatureStore, check_compatible, feature_config
+from jattr.io.hashing import array_hash, model_hash
+from jattr.methods import grad_cosine, grad_dot, trak_fit, trak_score
+from jattr.models import num_params
+from jattr.progress import Progress
+from jattr.runs.config import QUERIES
+from jattr.runs.run import load_run, training_data
+from jattr.runs.stores import store_featurize
 
-
-def add_featurize_parser(subparsers) -> argparse.ArgumentParser:
-  """Adds ``featurize`` to an ``argparse`` subparsers object; returns its parser."""
-  p = subparsers.add_parser(
-      "featurize", help="projected per-example gradients of a run into a feature store",
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--run", default="runs/digits", help="run directory (default: %(default)s)")
-  p.add_argument("--out", required=True, help="feature store directory (created or resumed)")
-  p.add_argument("--queries", choices=QUERIES, default="train",
-                 help="which examples: the run's training set (default), held-out real "
-                      "images, or samples.npz")
-  p.add_argument("--like", help="train feature store whose measurement, draws and "
-                                "projection to reuse (for query stores)")
-  p.add_argument("--measurement", help="output function f (default: square_norm)")
-  p.add_argument("--time", type=int, help="timestep of --measurement loss_at_time")
-  p.add_argument("--num-draws", type=int, help="K fixed (t, eps) draws (default: 10)")
-  p.add_argument("--timesteps", choices=["uniform", "random"], help="default: uniform")
-  p.add_argument("--draw-seed", type=int, help="seed of the draws (default: 0)")
-  p.add_argument("--proj-dim", type=int, help="k, projected dimension (default: 4096)")
-  p.add_argument("--proj-kind", choices=["gaussian", "rademacher"], help="default: rademacher")
-  p.add_argument("--proj-seed", type=int, help="seed of the projection (default: 0)")
-  p.add_argument("--block-size", type=int, help="rows of P regenerated at a time (default: 1024)")
-  p.add_argument("--chunk-size", type=int,
-                 help="examples whose gradients exist at once (default: the most that fit "
-                      "1 GiB, at most --store-chunk-rows)")
-  p.add_argument("--store-chunk-rows", type=int, default=256,
-                 help="rows per store chunk, the unit of resumption (default: %(default)s)")
-  p.add_argument("--quiet", action="store_true", help="no progress bar")
-  p.set_defaults(func=cmd_featurize)
-  return p
-
-
-def add_score_parser(subparsers) -> argparse.ArgumentParser:
-  """Adds ``score`` to an ``argparse`` subparsers object; returns its parser."""
-  p = subparsers.add_parser("score", help="attribution scores tau [Q, N] from two feature stores")
-  p.add_argument("--train-store", required=True, help="feature store of the training set")
-  p.add_argument("--query-store", required=True, help="feature store of the queries")
-  p.add_argument("--method", choices=METHODS, default="trak", help="default: %(default)s")
-  p.add_argument("--damping", type=float, help="TRAK: explicit lambda >= 0")
-  p.add_argument("--relative-damping", type=float, default=1e-3,
-                 help="TRAK: lambda = c * tr(Phi^T Phi)/k when --damping is not given "
-                      "(default: %(default)s)")
-  p.add_argument("--out", required=True, help="output .npz")
-  p.set_defaults(func=cmd_score)
-  return p
-
-
-# ---------------------------------------------------------------------------------
-# featurize
-# ---------------------------------------------------------------------------------
+SCORE_METHODS = ("trak", "grad_dot", "grad_cosine")
+"""What ``score_stores`` computes from two feature stores."""
+TEST_SPLIT_DATASETS = ("fashion_mnist", "cifar2")
+"""Datasets with a test split (``load_dataset(split="test")``); the others' held-out
+queries are the train-split images outside the run's training subset."""
+SPEC_DEFAULTS = {"measurement": "square_norm", "num_draws": 10, "timesteps": "uniform",
+                 "draw_seed": 0, "proj_dim": 4096, "proj_kind": "rademacher", "proj_seed": 0,
+                 "block_size": 1024, "time": None}
+"""The featurize options ``like`` can fill, with their defaults when there is no ``like``."""
+GRAD_CHUNK_BYTES = 1 << 30
+"""Default budget for one chunk of per-example gradients (chunk_size × P float32)."""
 
 
 def _spec_from_store(config: dict) -> dict:
@@ -127,7 +91,7 @@ def resolve_spec(given: dict, like_config: dict | None = None) -> dict:
   """
   if like_config is None:
     return {k: given.get(k) if given.get(k) is not None else v
-            for k, v in _SPEC_DEFAULTS.items()}
+            for k, v in SPEC_DEFAULTS.items()}
   like = _spec_from_store(like_config)
   clash = {k: (given[k], like[k]) for k in like
            if given.get(k) is not None and given[k] != like[k]}
@@ -146,9 +110,6 @@ def query_examples(cfg, run_dir: pathlib.Path, queries: str) -> tuple[np.ndarray
     ``(x [N, H, W, C] float32, dataset_info, examples_hash)`` where ``dataset_info``
     holds ``name`` and ``split`` (and ``file`` for samples).
   """
-  from jattr.data import load_dataset, resize, take
-  from jattr.features.store_featurize import array_hash
-  from jattr.runs import training_data
 
   if queries == "train":
     ds, idx = training_data(cfg)
@@ -164,7 +125,7 @@ def query_examples(cfg, run_dir: pathlib.Path, queries: str) -> tuple[np.ndarray
     return x, {"name": "samples", "split": "generated", "file": str(path)}, array_hash(x)
   if queries != "test":
     raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
-  if cfg.dataset in _TEST_SPLIT_DATASETS:
+  if cfg.dataset in TEST_SPLIT_DATASETS:
     ds = load_dataset(cfg.dataset, cfg.data_dir, split="test")
     idx, split = np.arange(len(ds)), "test"
   else:
@@ -182,15 +143,12 @@ def query_examples(cfg, run_dir: pathlib.Path, queries: str) -> tuple[np.ndarray
 
 
 def _auto_chunk_size(params, store_chunk_rows: int) -> int:
-  import jax
-
-  num = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
-  return int(max(1, min(store_chunk_rows, _GRAD_CHUNK_BYTES // (4 * num))))
+  return int(max(1, min(store_chunk_rows, GRAD_CHUNK_BYTES // (4 * num_params(params)))))
 
 
 def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = None,
                   chunk_size: int | None = None, store_chunk_rows: int = 256,
-                  progress: bool = True, **spec):
+                  progress: Progress | None = None, **spec):
   """Featurizes a run's examples into the store ``out`` (what ``jattr featurize`` does).
 
   Args:
@@ -200,7 +158,7 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
     like: a train store whose measurement, draws and projection to reuse.
     chunk_size: per-example gradients at once (None: fit 1 GiB).
     store_chunk_rows: rows per store chunk.
-    progress: show a progress bar.
+    progress: ``jattr.progress`` callback.
     **spec: ``measurement``, ``time``, ``num_draws``, ``timesteps``, ``draw_seed``,
       ``proj_dim``, ``proj_kind``, ``proj_seed``, ``block_size`` (None or absent:
       from ``like`` or the defaults).
@@ -208,19 +166,11 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
   Returns:
     The complete ``FeatureStore``.
   """
-  import jax
 
-  from jattr.diffusion import fixed_draws
-  from jattr.diffusion.measurements import measurement_fn
-  from jattr.features.projection import ProjectionConfig
-  from jattr.features.store_featurize import (feature_config, model_hash, store_featurize)
-  from jattr.io.feature_store import FeatureStore
-  from jattr.runs import load_run
-
-  unknown = set(spec) - set(_SPEC_DEFAULTS)
+  unknown = set(spec) - set(SPEC_DEFAULTS)
   if unknown:
     raise TypeError(f"unknown featurize options {sorted(unknown)}; expected some of "
-                    f"{sorted(_SPEC_DEFAULTS)}")
+                    f"{sorted(SPEC_DEFAULTS)}")
   if queries not in QUERIES:
     raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
   like_config = FeatureStore.load(like).config if like else None
@@ -255,25 +205,12 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
                          progress=progress)
 
 
-def cmd_featurize(args):
-  t0 = time.perf_counter()
-  spec = {k: getattr(args, k) for k in _SPEC_DEFAULTS}
-  store = featurize_run(args.run, args.out, queries=args.queries, like=args.like,
-                        chunk_size=args.chunk_size, store_chunk_rows=args.store_chunk_rows,
-                        progress=not args.quiet, **spec)
-  c = store.config
-  print(f"{store.num_rows} {args.queries} features (k={store.dim}, f={c['measurement']['name']}, "
-        f"K={c['draws']['num_draws']}) in {store.path} ({time.perf_counter() - t0:.0f} s)")
-  return store
-
-
 # ---------------------------------------------------------------------------------
 # score
 # ---------------------------------------------------------------------------------
 
 
 def _read_complete(path):
-  from jattr.io.feature_store import FeatureStore
 
   store = FeatureStore.load(path)
   if not store.complete:
@@ -298,13 +235,9 @@ def score_stores(train_store, query_store, method: str = "trak", *,
     ``(tau float32 [Q, N], info)`` with ``info`` holding the method, λ used and both
     configurations.
   """
-  import jax.numpy as jnp
 
-  from jattr.features.store_featurize import check_compatible
-  from jattr.methods import tiled_scores_into, trak_fit, trak_score
-
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if method not in SCORE_METHODS:
+    raise ValueError(f"method must be one of {SCORE_METHODS}, got {method!r}")
   train, query = _read_complete(train_store), _read_complete(query_store)
   check_compatible(train.config, query.config)
   phi, phi_q = train.read(), query.read()
@@ -315,29 +248,24 @@ def score_stores(train_store, query_store, method: str = "trak", *,
     trak_score(state, jnp.asarray(phi_q), tile=tile, out=out)
     lam = float(state.damping)
   elif method == "grad_dot":
-    tiled_scores_into(out, phi_q, phi, *tile)
+    grad_dot(phi_q, phi, tile=tile, out=out)
   else:
-    unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True),  # noqa: E731
-                                    np.finfo(np.float32).tiny)
-    tiled_scores_into(out, unit(phi_q), unit(phi), *tile)
+    grad_cosine(phi_q, phi, tile=tile, out=out)
   info = {"method": method, "damping": lam, "relative_damping": relative_damping,
           "train_store": str(train.path), "query_store": str(query.path),
           "train_config": train.config, "query_config": query.config}
   return out, info
 
 
-def cmd_score(args):
-  t0 = time.perf_counter()
-  tau, info = score_stores(args.train_store, args.query_store, args.method,
-                           damping=args.damping, relative_damping=args.relative_damping)
-  out = pathlib.Path(args.out)
+
+
+def write_scores(path: str | os.PathLike, tau: np.ndarray, info: dict) -> pathlib.Path:
+  """Writes ``score_stores``' result to an .npz atomically (``tau`` [Q, N] + metadata)."""
+  out = pathlib.Path(path)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
-  np.savez(tmp, tau=tau, method=info["method"],
-           damping=np.nan if info["damping"] is None else info["damping"],
-           relative_damping=info["relative_damping"], train_store=info["train_store"],
-           query_store=info["query_store"], train_config=json.dumps(info["train_config"]),
-           query_config=json.dumps(info["query_config"]))
-  os.replace(tmp, out)
-  print(f"tau {tau.shape} ({args.method}) -> {out} ({time.perf_counter() - t0:.0f} s)")
-  return tau
+  return atomic.write_npz(
+      out, tau=tau, method=info["method"],
+      damping=np.nan if info["damping"] is None else info["damping"],
+      relative_damping=info["relative_damping"], train_store=info["train_store"],
+      query_store=info["query_store"], train_config=json.dumps(info["train_config"]),
+      query_config=json.dumps(info["query_config"]))

@@ -1,4 +1,5 @@
-"""``jattr fit-curvature`` and ``jattr influence``: curvature on disk, and influence scores from it.
+"""Curvature of a run on disk, and influence scores from it (``jattr fit-curvature``,
+``jattr influence``).
 
     jattr fit-curvature --run DIR --out CURV [--approx kfac|ekfac|diagonal|dense]
                         [--weight-sharing expand|reduce] [--num-draws 10]
@@ -16,7 +17,7 @@
 
 at the run's EMA parameters, over its whole training set and K fixed draws, with
 ``jattr.curvature.fit_kfac`` (+ ``fit_ekfac``), ``fit_diagonal`` or, for models of at
-most ``MAX_DENSE_PARAMS`` parameters, the dense G. K-FAC runs on the UNet rebuilt
+most ``MAX_DENSE_PARAMS`` parameters, the dense G (eigendecomposed once). K-FAC runs on the UNet rebuilt
 with ``conv_impl="xla"`` (kfac-jax recognises only ``lax.conv_general_dilated``; the
 parameters are the same); the per-example passes use the run's own ``apply_fn``. The
 state is saved with ``jattr.io.curvature_store.save_curvature``; its sidecar records
@@ -37,93 +38,39 @@ memory is about (Q + tile)·P whatever N.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import pathlib
 import time
 
+import jax
 import numpy as np
 
-APPROX = ("kfac", "ekfac", "diagonal", "dense")
-QUERIES = ("samples", "test", "train")
-MAX_DENSE_PARAMS = 5000
-"""``--approx dense`` holds G [P, P] and P Jacobian columns: small models only."""
-# Budget for one pass of per-example gradients or GGN rows (examples × K × rows × P).
-_GRAD_BYTES = 1 << 30
-# Budget for one batch of the dense Jacobian J [B K D, P].
-_JACOBIAN_BYTES = 1 << 27
+from jattr import __version__ as jattr_version
+from jattr.curvature import (CURVATURE_KINDS, DEFAULT_ESTIMATION_MODE, MAX_DENSE_PARAMS,
+                             WEIGHT_SHARING, check_damping, dense_ggn, dense_state,
+                             fit_diagonal, fit_ekfac, fit_kfac)
+from jattr.curvature.dense import check_dense_size
+from jattr.diffusion import fixed_draws
+from jattr.io import atomic
+from jattr.io.curvature_store import (curvature_exists, load_curvature, read_curvature_meta,
+                                      save_curvature)
+from jattr.io.hashing import array_hash, model_hash
+from jattr.methods.influence import influence
+from jattr.models import kfac_apply_fn, num_params
+from jattr.progress import Progress
+from jattr.progress import resolve as resolve_progress
+from jattr.runs.config import QUERIES
+from jattr.runs.features import query_examples
+from jattr.runs.run import load_run, training_data
 
-
-def add_fit_curvature_parser(subparsers) -> argparse.ArgumentParser:
-  """Adds ``fit-curvature`` to an ``argparse`` subparsers object; returns its parser."""
-  from jattr.curvature.ggn import DEFAULT_ESTIMATION_MODE, ESTIMATION_MODES
-
-  p = subparsers.add_parser(
-      "fit-curvature", help="fit K-FAC / EK-FAC / diagonal curvature of a run's training loss",
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--run", default="runs/digits", help="run directory (default: %(default)s)")
-  p.add_argument("--out", required=True, help="curvature directory to write")
-  p.add_argument("--approx", choices=APPROX, default="kfac", help="default: %(default)s")
-  p.add_argument("--weight-sharing", choices=("expand", "reduce"), default="expand",
-                 help="K-FAC approximation for conv/attention layers (K-FAC, EK-FAC's basis; "
-                      "default: %(default)s)")
-  p.add_argument("--num-draws", type=int, default=10, help="K fixed (t, eps) draws "
-                                                            "(default: %(default)s)")
-  p.add_argument("--timesteps", choices=("uniform", "random"), default="uniform",
-                 help="timesteps of the draws (default: %(default)s)")
-  p.add_argument("--draw-seed", type=int, default=0, help="seed of the draws (default: 0)")
-  p.add_argument("--damping", type=float,
-                 help="default lambda stored with the curvature (default: 0.1 x the mean "
-                      "eigenvalue, per block)")
-  p.add_argument("--estimation-mode", choices=ESTIMATION_MODES, default=DEFAULT_ESTIMATION_MODE,
-                 help="how G is sampled (default: %(default)s)")
-  p.add_argument("--num-samples", type=int, default=1,
-                 help="random output vectors per example-draw (default: %(default)s)")
-  p.add_argument("--seed", type=int, default=0, help="seed of the sampled estimation modes")
-  p.add_argument("--batch-size", type=int, default=64,
-                 help="examples (each with all K draws) per K-FAC update (default: %(default)s)")
-  p.add_argument("--grad-batch-size", type=int,
-                 help="examples per per-example-gradient pass of EK-FAC / diagonal (default: "
-                      "the most whose K x P gradients fit 1 GiB)")
-  p.add_argument("--chunk-size", type=int, help="GGN rows per vmap in those passes")
-  p.add_argument("--overwrite", action="store_true", help="replace a curvature in --out")
-  p.add_argument("--quiet", action="store_true", help="no progress output")
-  p.set_defaults(func=cmd_fit_curvature)
-  return p
-
-
-def add_influence_parser(subparsers) -> argparse.ArgumentParser:
-  """Adds ``influence`` to an ``argparse`` subparsers object; returns its parser."""
-  from jattr.diffusion.measurements import MEASUREMENTS
-
-  p = subparsers.add_parser(
-      "influence", help="influence scores tau [Q, N] of a run's samples from a fitted curvature",
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--run", default="runs/digits", help="run directory (default: %(default)s)")
-  p.add_argument("--curvature", required=True, help="directory made by `jattr fit-curvature`")
-  p.add_argument("--measurement", choices=MEASUREMENTS, default="loss",
-                 help="query measurement m_q (default: %(default)s)")
-  p.add_argument("--time", type=int, help="timestep of --measurement loss_at_time")
-  p.add_argument("--queries", choices=QUERIES, default="samples",
-                 help="the run's samples.npz (default), held-out real images, or the "
-                      "training set")
-  p.add_argument("--damping", type=float,
-                 help="lambda (default: the curvature's stored default)")
-  p.add_argument("--tile-size", type=int, default=256,
-                 help="training examples per gradient tile (default: %(default)s)")
-  p.add_argument("--chunk-size", type=int,
-                 help="examples per vmap (default: the most whose gradients fit 1 GiB)")
-  p.add_argument("--out", required=True, help="output .npz")
-  p.add_argument("--quiet", action="store_true", help="no progress bar")
-  p.set_defaults(func=cmd_influence)
-  return p
-
-
-# ---------------------------------------------------------------------------------
-# fit-curvature
-# ---------------------------------------------------------------------------------
+CURVATURES = CURVATURE_KINDS
+"""What ``fit_run_curvature`` fits (``approx``)."""
+GRAD_BYTES = 1 << 30
+"""Budget for one pass of per-example gradients or GGN rows (examples × K × rows × P)."""
+JACOBIAN_BYTES = 1 << 27
+"""Budget for one batch of the dense Jacobian J [B K D, P]."""
 
 
 def curvature_meta(*, kind: str, model_hash: str, damping: float | None, weight_sharing: str | None,
@@ -134,8 +81,8 @@ def curvature_meta(*, kind: str, model_hash: str, damping: float | None, weight_
   """The standard sidecar ``meta`` of a fitted curvature.
 
   Args:
-    kind: ``APPROX``.
-    model_hash: sha256 of the parameters (``store_featurize.model_hash``).
+    kind: ``CURVATURES``.
+    model_hash: sha256 of the parameters (``jattr.io.hashing.model_hash``).
     damping: the default λ of ``influence`` (None: 0.1 × mean eigenvalue per block).
     weight_sharing: ``"expand"``/``"reduce"`` for K-FAC and EK-FAC, else None.
     num_draws, timesteps, draw_seed: the K fixed draws (``fixed_draws``).
@@ -161,24 +108,22 @@ def curvature_meta(*, kind: str, model_hash: str, damping: float | None, weight_
 
 
 def dense_ggn_batched(apply_fn, params, schedule, x0, draws, *, batch_size: int | None = None,
-                      progress: bool = False):
+                      progress: Progress | None = None):
   """``jattr.curvature.dense_ggn`` over all N examples, ``batch_size`` at a time.
 
   Args:
     apply_fn, params, schedule, x0, draws: as in ``dense_ggn``.
     batch_size: examples per batch (None: the most whose J [batch K D, P] fits
       128 MiB).
-    progress: show a progress bar.
+    progress: ``jattr.progress`` callback, per batch.
 
   Returns:
     G, [P, P] in ``ravel_pytree(params)`` order.
   """
-  from jattr.curvature.ggn import dense_ggn
-  from jattr.models import num_params
 
   if batch_size is None:
     p = num_params(params)
-    batch_size = max(1, _JACOBIAN_BYTES // (4 * draws.num_draws * int(np.prod(x0.shape[1:])) * p))
+    batch_size = max(1, JACOBIAN_BYTES // (4 * draws.num_draws * int(np.prod(x0.shape[1:])) * p))
   return dense_ggn(apply_fn, params, schedule, x0, draws, batch_size=batch_size,
                    progress=progress)
 
@@ -189,7 +134,7 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
                       num_samples: int = 1, seed: int = 0, batch_size: int = 64,
                       grad_batch_size: int | None = None, chunk_size: int | None = None,
                       max_dense_params: int = MAX_DENSE_PARAMS, overwrite: bool = False,
-                      progress: bool = True):
+                      progress: Progress | None = None):
   """Fits a curvature of a run's training loss and saves it (what ``jattr fit-curvature`` does).
 
   Args:
@@ -208,7 +153,8 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
     chunk_size: GGN rows per vmap in those passes.
     max_dense_params: the largest P ``"dense"`` accepts.
     overwrite: replace a curvature already in ``out``.
-    progress: print stage timings (and a bar for the dense fit).
+    progress: ``jattr.progress`` callback: each stage (K-FAC, EK-FAC, diagonal)
+      reports 0/1 when it starts and 1/1 when it ends; the dense fit per batch.
 
   Returns:
     ``(state, meta)`` as saved.
@@ -217,21 +163,9 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
     ValueError: bad arguments, an existing ``out`` without ``overwrite``, or
       ``"dense"`` for a model above ``max_dense_params`` (checked before any fitting).
   """
-  import jax
 
-  from jattr import __version__ as jattr_version
-  from jattr.curvature.diagonal import fit_diagonal
-  from jattr.curvature.ekfac import fit_ekfac
-  from jattr.curvature.ggn import DEFAULT_ESTIMATION_MODE, check_damping
-  from jattr.curvature.kfac import WEIGHT_SHARING, fit_kfac
-  from jattr.diffusion import fixed_draws
-  from jattr.features.store_featurize import array_hash, model_hash
-  from jattr.io.curvature_store import curvature_exists, read_curvature_meta, save_curvature
-  from jattr.models import make_apply_fn, num_params
-  from jattr.runs import load_run, training_data
-
-  if approx not in APPROX:
-    raise ValueError(f"approx must be one of {APPROX}, got {approx!r}")
+  if approx not in CURVATURES:
+    raise ValueError(f"approx must be one of {CURVATURES}, got {approx!r}")
   if weight_sharing not in WEIGHT_SHARING:
     raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}, got {weight_sharing!r}")
   if int(num_draws) < 1:
@@ -244,15 +178,12 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
   if curvature_exists(out) and not overwrite:
     raise ValueError(f"--out {out} already holds a curvature; choose another directory or "
                      "pass --overwrite")
-  say = print if progress else (lambda *a, **k: None)
+  report = resolve_progress(progress)
   run_dir = pathlib.Path(run_dir)
   cfg, apply_fn, params = load_run(run_dir)
   p = num_params(params)
-  if approx == "dense" and p > max_dense_params:
-    raise ValueError(
-        f"--approx dense materialises the [P, P] GGN; run {run_dir} has P = {p:,} parameters, "
-        f"above the limit of {max_dense_params:,} ({4 * p * p / 2**30:.1f} GiB for G alone); "
-        "use --approx kfac, ekfac or diagonal")
+  if approx == "dense":
+    check_dense_size(p, max_dense_params, what=f"--approx dense on run {run_dir}")
   ds, idx = training_data(cfg)
   x0 = jax.numpy.asarray(ds.x)
   n = x0.shape[0]
@@ -262,37 +193,42 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
   param = cfg.train.parameterization
   key = jax.random.key(seed)
   if grad_batch_size is None:
-    grad_batch_size = max(1, min(n, _GRAD_BYTES // (4 * int(num_draws) * num_samples * p)))
+    grad_batch_size = max(1, min(n, GRAD_BYTES // (4 * int(num_draws) * num_samples * p)))
   sampled = dict(estimation_mode=estimation_mode, key=key, num_samples=num_samples)
   timings = {}
   t0 = time.perf_counter()
   if approx in ("kfac", "ekfac"):
-    # kfac-jax's graph matcher recognises only lax.conv_general_dilated convolutions.
-    kfac_apply = make_apply_fn(dataclasses.replace(cfg.model, conv_impl="xla"))
-    say(f"fit-curvature: K-FAC ({weight_sharing}) on {n} examples x {num_draws} draws, "
-        f"P = {p:,} ...", flush=True)
+    kfac_apply = kfac_apply_fn(cfg.model)
+    stage = f"fit-curvature: K-FAC ({weight_sharing}), N = {n}, K = {num_draws}, P = {p:,}"
+    report(stage, 0, 1)
     state = fit_kfac(kfac_apply, params, schedule, x0, draws, weight_sharing=weight_sharing,
                      batch_size=batch_size, parameterization=param, **sampled)
     jax.block_until_ready(state)
     timings["kfac_seconds"] = time.perf_counter() - t0
-    say(f"fit-curvature: K-FAC done in {timings['kfac_seconds']:.1f} s", flush=True)
+    report(stage, 1, 1)
     if approx == "ekfac":
       t1 = time.perf_counter()
-      say(f"fit-curvature: EK-FAC eigenvalues, {grad_batch_size} examples per pass ...",
-          flush=True)
+      stage = f"fit-curvature: EK-FAC eigenvalues, {grad_batch_size} examples per pass"
+      report(stage, 0, 1)
       state = fit_ekfac(apply_fn, params, schedule, x0, draws, state, batch_size=grad_batch_size,
                         chunk_size=chunk_size, parameterization=param,
                         **{**sampled, "key": jax.random.fold_in(key, 1)})
       jax.block_until_ready(state)
       timings["ekfac_seconds"] = time.perf_counter() - t1
-      say(f"fit-curvature: EK-FAC done in {timings['ekfac_seconds']:.1f} s", flush=True)
+      report(stage, 1, 1)
   elif approx == "diagonal":
-    say(f"fit-curvature: GGN diagonal on {n} examples x {num_draws} draws ...", flush=True)
+    stage = f"fit-curvature: GGN diagonal, N = {n}, K = {num_draws}"
+    report(stage, 0, 1)
     state = fit_diagonal(apply_fn, params, schedule, x0, draws, batch_size=grad_batch_size,
                          chunk_size=chunk_size, parameterization=param, **sampled)
     jax.block_until_ready(state)
+    report(stage, 1, 1)
   else:
-    state = dense_ggn_batched(apply_fn, params, schedule, x0, draws, progress=progress)
+    g = dense_ggn_batched(apply_fn, params, schedule, x0, draws, progress=progress)
+    timings["ggn_seconds"] = time.perf_counter() - t0
+    # Eigendecomposed once (float64): every later damping and query costs products.
+    state = dense_state(g)
+    del g
   timings["fit_seconds"] = time.perf_counter() - t0
   meta = curvature_meta(
       kind=approx, model_hash=model_hash(params), damping=damping,
@@ -309,21 +245,6 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
   return state, read_curvature_meta(out)
 
 
-def cmd_fit_curvature(args):
-  t0 = time.perf_counter()
-  state, meta = fit_run_curvature(
-      args.run, args.out, approx=args.approx, weight_sharing=args.weight_sharing,
-      num_draws=args.num_draws, timesteps=args.timesteps, draw_seed=args.draw_seed,
-      damping=args.damping, estimation_mode=args.estimation_mode, num_samples=args.num_samples,
-      seed=args.seed, batch_size=args.batch_size, grad_batch_size=args.grad_batch_size,
-      chunk_size=args.chunk_size, overwrite=args.overwrite, progress=not args.quiet)
-  ws = f" ({meta['weight_sharing']})" if meta["weight_sharing"] else ""
-  print(f"{meta['kind']}{ws} curvature of {meta['num_parameters']:,} parameters over "
-        f"{meta['dataset']['num']} examples x {meta['draws']['num_draws']} draws -> {args.out} "
-        f"({time.perf_counter() - t0:.0f} s)")
-  return state
-
-
 # ---------------------------------------------------------------------------------
 # influence
 # ---------------------------------------------------------------------------------
@@ -333,12 +254,12 @@ _UNSET = object()
 
 def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: int | None = None,
                   queries: str = "samples", damping=_UNSET, tile_size: int = 256,
-                  chunk_size: int | None = None, progress: bool = True
+                  chunk_size: int | None = None, progress: Progress | None = None
                   ) -> tuple[np.ndarray, dict]:
   """τ [Q, N] of a run's queries against its training set (what ``jattr influence`` does).
 
-  Same scores as ``jattr.methods.influence.influence`` with the saved curvature;
-  the training tiles are assembled into a host array under a progress bar.
+  ``jattr.methods.influence.influence`` with the saved curvature, its tiles written
+  into a host array.
 
   Args:
     run_dir: a trained run directory.
@@ -351,7 +272,7 @@ def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: i
       default.
     tile_size: training examples per gradient tile.
     chunk_size: examples per vmap (None: the most whose gradients fit 1 GiB).
-    progress: show a progress bar.
+    progress: ``jattr.progress`` callback, per training tile.
 
   Returns:
     ``(tau float32 [Q, N], info)``, ``info`` holding the measurement, damping,
@@ -360,19 +281,6 @@ def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: i
   Raises:
     ValueError: a curvature of another model or training set, bad arguments.
   """
-  import jax
-  from tqdm.auto import tqdm
-
-  from jattr.curvature.ggn import check_damping
-  from jattr.diffusion import fixed_draws
-  from jattr.diffusion.measurements import measurement_fn
-  from jattr.features.cli import query_examples
-  from jattr.features.store_featurize import array_hash
-  from jattr.grads.per_example import per_example_flat_grads, per_example_grads
-  from jattr.io.curvature_store import load_curvature
-  from jattr.methods.influence import inverse_vp_fn, precondition
-  from jattr.models import num_params
-  from jattr.runs import load_run, training_data
 
   if queries not in QUERIES:
     raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
@@ -395,29 +303,13 @@ def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: i
   draws = fixed_draws(jax.random.key(d["seed"]), d["num_draws"], cfg.model.image_shape,
                       cfg.num_timesteps, d["timesteps"])
   param = meta.get("parameterization", cfg.train.parameterization)
-  kwargs = {} if time_ is None else {"time": time_}
-  m_fn = measurement_fn(measurement, apply_fn, cfg.noise_schedule, draws,
-                        parameterization=param, **kwargs)
-  loss_fn = measurement_fn("loss", apply_fn, cfg.noise_schedule, draws, parameterization=param)
   tn = min(int(tile_size), n)
   if chunk_size is None:
-    chunk_size = max(1, min(tn, _GRAD_BYTES // (4 * num_params(params))))
-
-  query_grads = jax.jit(lambda p, xs: per_example_grads(m_fn, p, xs, chunk_size=chunk_size))(
-      params, xq)
-  psi = precondition(query_grads, inverse_vp_fn(state, damping), chunk_size=chunk_size)
-  del query_grads
-
-  @jax.jit
-  def tile_scores(p, psi, xt):
-    g = per_example_flat_grads(loss_fn, p, xt, chunk_size=chunk_size)
-    return psi @ g.astype(psi.dtype).T
-
+    chunk_size = max(1, min(tn, GRAD_BYTES // (4 * num_params(params))))
   tau = np.empty((q, n), np.float32)
-  for start in tqdm(range(0, n, tn), desc="influence", disable=not progress):
-    # The last tile is shifted back to end at N (one compiled shape); drop the overlap.
-    s = min(start, n - tn)
-    tau[:, start:start + tn] = np.asarray(tile_scores(params, psi, x[s:s + tn]))[:, start - s:]
+  influence(apply_fn, params, cfg.noise_schedule, draws, x, xq, state, measurement=measurement,
+            damping=damping, parameterization=param, time=time_, tile_size=tn,
+            chunk_size=chunk_size, out=tau, progress=progress)
   info = {"measurement": measurement, "time": time_, "damping": damping,
           "queries": {**query_info, "num": q, "sha256": query_hash},
           "curvature": str(curvature_dir), "curvature_meta": meta,
@@ -425,25 +317,17 @@ def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: i
   return tau, info
 
 
-def cmd_influence(args):
-  t0 = time.perf_counter()
-  damping = _UNSET if args.damping is None else args.damping
-  tau, info = influence_run(args.run, args.curvature, measurement=args.measurement,
-                            time_=args.time, queries=args.queries, damping=damping,
-                            tile_size=args.tile_size, chunk_size=args.chunk_size,
-                            progress=not args.quiet)
-  out = pathlib.Path(args.out)
+
+
+def write_influence(path: str | os.PathLike, tau: np.ndarray, info: dict) -> pathlib.Path:
+  """Writes ``influence_run``'s result to an .npz atomically (``tau`` [Q, N] + metadata)."""
+  out = pathlib.Path(path)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
   meta = info["curvature_meta"]
-  np.savez(tmp, tau=tau, measurement=info["measurement"],
-           time=-1 if info["time"] is None else info["time"],
-           damping=np.nan if info["damping"] is None else info["damping"],
-           queries=json.dumps(info["queries"]), curvature=info["curvature"],
-           curvature_kind=meta["kind"], curvature_meta=json.dumps(meta),
-           model_hash=meta["model_hash"], train_indices=info["train_indices"])
-  os.replace(tmp, out)
-  lam = "default" if info["damping"] is None else f"{info['damping']:g}"
-  print(f"tau {tau.shape} ({meta['kind']} influence, m = {args.measurement}, lambda = {lam}) "
-        f"-> {out} ({time.perf_counter() - t0:.0f} s)")
-  return tau
+  return atomic.write_npz(
+      out, tau=tau, measurement=info["measurement"],
+      time=-1 if info["time"] is None else info["time"],
+      damping=np.nan if info["damping"] is None else info["damping"],
+      queries=json.dumps(info["queries"]), curvature=info["curvature"],
+      curvature_kind=meta["kind"], curvature_meta=json.dumps(meta),
+      model_hash=meta["model_hash"], train_indices=info["train_indices"])

@@ -1,0 +1,72 @@
+"""``jattr featurize`` and ``jattr score`` (``jattr.runs.features``)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from jattr.cli import flags
+from jattr.cli.progress import progress_for
+from jattr.features.projection import PROJECTION_KINDS
+from jattr.runs import SCORE_METHODS, SPEC_DEFAULTS, featurize_run, score_stores, write_scores
+from jattr.runs import features as workflow
+
+
+def cmd_featurize(args):
+  t0 = time.perf_counter()
+  spec = {k: getattr(args, k) for k in SPEC_DEFAULTS}
+  store = featurize_run(args.run, args.out, queries=args.queries, like=args.like,
+                        chunk_size=args.chunk_size, store_chunk_rows=args.store_chunk_rows,
+                        progress=progress_for(args), **spec)
+  c = store.config
+  print(f"{store.num_rows} {args.queries} features (k={store.dim}, f={c['measurement']['name']}, "
+        f"K={c['draws']['num_draws']}) in {store.path} ({time.perf_counter() - t0:.0f} s)")
+  return store
+
+
+def cmd_score(args):
+  t0 = time.perf_counter()
+  tau, info = score_stores(args.train_store, args.query_store, args.method,
+                           damping=args.damping, relative_damping=args.relative_damping)
+  out = write_scores(args.out, tau, info)
+  print(f"tau {tau.shape} ({args.method}) -> {out} ({time.perf_counter() - t0:.0f} s)")
+  return tau
+
+
+def add_parsers(sub) -> None:
+  """Adds ``featurize`` and ``score`` to an argparse subparsers object."""
+  p = sub.add_parser(
+      "featurize", help="projected per-example gradients of a run into a feature store",
+      description=workflow.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  flags.run_dir(p)
+  p.add_argument("--out", required=True, help="feature store directory (created or resumed)")
+  flags.queries(p, "train")
+  p.add_argument("--like", help="train feature store whose measurement, draws and "
+                                "projection to reuse (for query stores)")
+  p.add_argument("--measurement", help="output function f (default: square_norm)")
+  p.add_argument("--time", type=int, help="timestep of --measurement loss_at_time")
+  flags.draws(p, defaults=False)
+  p.add_argument("--proj-dim", type=int, help="k, projected dimension (default: 4096)")
+  p.add_argument("--proj-kind", choices=PROJECTION_KINDS, help="default: rademacher")
+  p.add_argument("--proj-seed", type=int, help="seed of the projection (default: 0)")
+  p.add_argument("--block-size", type=int, help="rows of P regenerated at a time (default: 1024)")
+  p.add_argument("--chunk-size", type=int,
+                 help="examples whose gradients exist at once (default: the most that fit "
+                      "1 GiB, at most --store-chunk-rows)")
+  p.add_argument("--store-chunk-rows", type=int, default=256,
+                 help="rows per store chunk, the unit of resumption (default: %(default)s)")
+  flags.quiet(p)
+  p.set_defaults(func=cmd_featurize)
+
+  p = sub.add_parser("score", help="attribution scores tau [Q, N] from two feature stores",
+                     description=workflow.__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--train-store", required=True, help="feature store of the training set")
+  p.add_argument("--query-store", required=True, help="feature store of the queries")
+  p.add_argument("--method", choices=SCORE_METHODS, default="trak", help="default: %(default)s")
+  p.add_argument("--damping", type=float, help="TRAK: explicit lambda >= 0")
+  p.add_argument("--relative-damping", type=float, default=1e-3,
+                 help="TRAK: lambda = c * tr(Phi^T Phi)/k when --damping is not given "
+                      "(default: %(default)s)")
+  p.add_argument("--out", required=True, help="output .npz")
+  p.set_defaults(func=cmd_score)

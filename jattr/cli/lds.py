@@ -1,0 +1,69 @@
+"""``jattr lds`` and ``jattr counterfactual``: the benchmark harness (``jattr.bench``)."""
+
+from __future__ import annotations
+
+from jattr.bench import METHODS, load_config, run_counterfactual, run_lds
+from jattr.bench.drivers import with_overrides
+from jattr.cli import flags
+from jattr.cli.progress import progress_for
+
+
+def parse_scores(items) -> dict:
+  """``["NAME=PATH.npz", ...]`` → ``{NAME: PATH}``."""
+  out = {}
+  for item in items or []:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+      raise ValueError(f"--scores must look like NAME=PATH.npz, got {item!r}")
+    out[name] = path
+  return out
+
+
+def _config(args) -> dict:
+  return with_overrides(load_config(args.config), cache_root=args.cache_root,
+                        data_dir=args.data_dir)
+
+
+def cmd_lds(args) -> dict:
+  return run_lds(_config(args), methods=args.method, scores=parse_scores(args.scores),
+                 results_path=args.results, progress=progress_for(args))
+
+
+def cmd_counterfactual(args) -> dict:
+  return run_counterfactual(_config(args), method=args.method, scores=args.scores,
+                            chosen_from=args.chosen_from, num_queries=args.num_queries,
+                            ks=args.ks, random_seed=args.random_seed,
+                            results_path=args.results, progress=progress_for(args))
+
+
+def add_parsers(sub) -> None:
+  """Adds ``lds`` and ``counterfactual`` to an argparse subparsers object."""
+  p = sub.add_parser(
+      "lds", help="linear datamodeling score of attribution methods (builds/reuses the cache)",
+      description="Builds (or reuses) the retrained-subset cache of a config and prints LDS "
+                  "on test real and generated queries, with bootstrap intervals and the "
+                  "noise ceiling. Hyper-parameters are selected on validation queries only.")
+  flags.experiment_config(p)
+  p.add_argument("--method", action="append", default=None, choices=sorted(METHODS),
+                 help="method to score (repeatable; default: the config's methods)")
+  p.add_argument("--scores", action="append", default=[], metavar="NAME=PATH.npz",
+                 help="precomputed scores: .npz with validation/test/generated [Q, N]")
+  p.set_defaults(func=cmd_lds)
+
+  p = sub.add_parser(
+      "counterfactual", help="retrain without the top-k attributed examples and regenerate",
+      description="For the first generated queries of the config's cache, removes the top-k "
+                  "attributed (and k random) training examples, retrains with the same "
+                  "recipe and seed, regenerates from the same noise, and reports the change.")
+  flags.experiment_config(p)
+  p.add_argument("--method", default=None, choices=sorted(METHODS),
+                 help="attribution method (default: the config's counterfactual.method)")
+  p.add_argument("--scores", default=None, metavar="PATH.npz",
+                 help="precomputed scores (.npz with a 'generated' [Q, N] array)")
+  p.add_argument("--num-queries", type=int, default=None)
+  p.add_argument("--ks", type=int, nargs="+", default=None)
+  p.add_argument("--random-seed", type=int, default=None)
+  p.add_argument("--chosen-from", default=None, metavar="RESULTS.json",
+                 help="take the method's hyper-parameters from a `jattr lds` record (chosen "
+                      "on validation there) instead of re-running its validation grid")
+  p.set_defaults(func=cmd_counterfactual)
