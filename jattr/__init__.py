@@ -9,7 +9,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBPACKAGES = ("bench", "cli", "curvature", "data", "diffusion", "eval", "features", "grads",
-                "io", "layers", "methods", "models", "progress", "runs", "train", "types")
+                "host_memory", "io", "layers", "methods", "models", "progress", "runs", "train",
+                "types")
 
 
 def __getattr__(name: str):

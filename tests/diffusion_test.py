@@ -225,3 +225,16 @@ def test_different_keys_give_different_samples():
   a = diffusion.ddpm_sample(apply_fn, None, sched, jax.random.key(0), (2, 2, 2, 1))
   b = diffusion.ddpm_sample(apply_fn, None, sched, jax.random.key(1), (2, 2, 2, 1))
   assert not np.allclose(a, b)
+
+
+def test_first_draws_of_a_larger_set():
+  # What the draws module docstring promises: noise always nests, random timesteps
+  # nest, uniform ones do not (their spacing is T/K).
+  key = jax.random.key(0)
+  for mode in ("uniform", "random"):
+    small = diffusion.fixed_draws(key, 10, (2, 2, 1), 1000, mode)
+    large = diffusion.fixed_draws(key, 20, (2, 2, 1), 1000, mode)
+    np.testing.assert_array_equal(small.eps, large.eps[:10])
+    assert np.array_equal(small.t, large.t[:10]) == (mode == "random")
+  np.testing.assert_array_equal(diffusion.fixed_draws(key, 10, (2, 2, 1), 1000).t[:3],
+                                [0, 100, 200])

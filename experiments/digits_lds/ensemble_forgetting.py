@@ -4,7 +4,7 @@
         --config experiments/digits_lds/config_digits.json \
         --figure docs/figures/ensemble_forgetting.png --out runs/digits_lds/ensemble_forgetting.json
 
-Trains (once; cached in the LDS cache, ``jattr.io.ensemble_cache``) an 8-member
+Trains (once; cached in the LDS cache, ``jattr.bench.ensemble_cache``) an 8-member
 binary-code ensemble over the 10 classes of the benchmark's training set, with the
 benchmark's recipe; samples from the ensemble (the members' mean ε prediction,
 the benchmark's DDIM sampler) and from the ensemble without the members that saw

@@ -1,6 +1,6 @@
 """Featurisation time on the digits LDS benchmark: dense vs structured projection.
 
-Times each harness featuriser (``jattr.eval.gradient_methods``) on the cache's 200
+Times each harness featuriser (``jattr.bench.gradient_methods``) on the cache's 200
 training images, in one process: the first call (compile + run) and the median of
 three later calls, wall and process CPU seconds. Results: docs/trak.md,
 *Structured projection on the UNet*.

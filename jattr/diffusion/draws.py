@@ -3,8 +3,11 @@
 Measurements such as "the loss averaged over K draws" are only comparable between
 models (retrained subsets, unlearned copies, checkpoints) if every model sees the
 *same* draws. A ``Draws`` is that set, built once from a key and passed around as an
-argument. Draw k's noise is generated from ``fold_in(key, k)``, so the first K draws
-of a set of K' > K draws equal a set of K draws made from the same key.
+argument. Draw k's noise is generated from ``fold_in(key, k)``, so the first K noises
+of a set of K' > K draws equal those of a set of K draws made from the same key. The
+timesteps agree too for ``timesteps="random"`` (checked in the tests), but not for
+``"uniform"``, whose spacing T/K depends on K (t = 0, 100, … for K = 10 and T = 1000;
+0, 50, … for K = 20).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def fixed_draws(key: jax.Array, num_draws: int, shape: tuple[int, ...], num_time
     shape: the shape of one image, [H, W, C].
     num_timesteps: T of the schedule.
     timesteps: ``"uniform"`` for ``range(0, T, T//K)``, or ``"random"`` for K
-      timesteps drawn uniformly from [0, T) with ``fold_in(key, -1)``.
+      timesteps drawn uniformly from [0, T) with ``fold_in(key, 2**31 - 1)`` (an
+      index no draw's noise uses).
     dtype: dtype of the noise.
 
   Returns:

@@ -46,12 +46,18 @@ def write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
   return write_bytes(path, lambda f: f.write(text.encode()))
 
 
-def _json_default(o):
+def _json_default(o, what: str = "the document"):
   if isinstance(o, np.generic):
     return o.item()
   if isinstance(o, np.ndarray):
     return o.tolist()
-  raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+  raise TypeError(f"{what} must be JSON-able; found a {type(o).__name__}: {o!r}")
+
+
+def to_json_types(doc: Any, what: str = "the document") -> Any:
+  """``doc`` as plain JSON types: tuples become lists, numpy scalars and arrays
+  numbers and lists, dict keys sorted. Raises TypeError naming ``what`` otherwise."""
+  return json.loads(json.dumps(doc, sort_keys=True, default=lambda o: _json_default(o, what)))
 
 
 def write_json(path: str | os.PathLike, doc: Any, *, indent: int = 1,

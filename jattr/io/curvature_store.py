@@ -117,17 +117,6 @@ def _from_tree(tree: dict, kind: str, layout: tuple | None, params: Any):
   return DenseState(tree["eigvals"], tree["eigvecs"])
 
 
-def _jsonable(doc: dict, name: str) -> dict:
-  def default(o):
-    if isinstance(o, np.generic):
-      return o.item()
-    if isinstance(o, np.ndarray):
-      return o.tolist()
-    raise TypeError(f"{name} must be JSON-able; found a {type(o).__name__}: {o!r}")
-
-  return json.loads(json.dumps(doc, default=default, sort_keys=True))
-
-
 def curvature_exists(path: str | os.PathLike) -> bool:
   """Whether ``path`` holds a saved curvature (complete or not)."""
   p = pathlib.Path(path)
@@ -164,7 +153,8 @@ def save_curvature(path: str | os.PathLike, state: Any, meta: dict, *,
                      f"{h!r}")
   if meta.get("kind", kind) != kind:
     raise ValueError(f"meta['kind'] is {meta['kind']!r} but the state is a {kind!r} curvature")
-  meta = _jsonable({**meta, "kind": kind, "num_parameters": _num_parameters(state, kind)}, "meta")
+  meta = atomic.to_json_types(
+      {**meta, "kind": kind, "num_parameters": _num_parameters(state, kind)}, "meta")
   p = pathlib.Path(path).absolute()
   if curvature_exists(p):
     if not overwrite:

@@ -60,15 +60,7 @@ def _normalize(config: Any) -> dict:
   """``config`` as plain JSON types (tuples become lists, numpy scalars numbers)."""
   if not isinstance(config, dict):
     raise TypeError(f"config must be a JSON-able dict, got {type(config).__name__}")
-
-  def default(o):
-    if isinstance(o, np.generic):
-      return o.item()
-    if isinstance(o, np.ndarray):
-      return o.tolist()
-    raise TypeError(f"config must be JSON-able; found a {type(o).__name__}: {o!r}")
-
-  return json.loads(json.dumps(config, default=default, sort_keys=True))
+  return atomic.to_json_types(config, "config")
 
 
 def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
