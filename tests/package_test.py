@@ -36,3 +36,20 @@ def test_subpackages_are_attributes_of_the_package():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "10"
   assert set(names) == set(jattr._SUBPACKAGES)
+
+
+def test_no_package_file_is_git_ignored():
+  # A `runs/` pattern in .gitignore once hid jattr/runs/__init__.py: the package worked
+  # here and failed to import in every fresh clone.
+  import pathlib
+  import shutil
+  import subprocess
+
+  root = pathlib.Path(jattr.__file__).resolve().parents[1]
+  if not (root / ".git").exists() or shutil.which("git") is None:
+    return  # an installed copy, not a checkout: nothing can be ignored
+  files = [str(p.relative_to(root)) for p in (root / "jattr").rglob("*.py")
+           if "__pycache__" not in p.parts]
+  out = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=root,
+                       capture_output=True, text=True)
+  assert out.stdout.strip() == "", f"git ignores package files: {out.stdout.split()}"
