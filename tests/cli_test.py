@@ -6,6 +6,8 @@ import numpy as np
 
 from jattr import cli
 
+import report_test  # tests/ is on sys.path, as for toy_models
+
 TINY = {
     "dataset": "digits", "num_train": 48, "num_timesteps": 20,
     "model": {"image_shape": [8, 8, 1], "base_channels": 8, "channel_mults": [1, 2],
@@ -30,7 +32,25 @@ def test_run_trains_samples_and_attributes(tmp_path, capsys):
   assert scores["tau"].shape == (4, 48) and np.all(np.isfinite(scores["tau"]))
   assert scores["top"].shape == (4, 3)
   np.testing.assert_array_equal(scores["top"][:, 0], scores["tau"].argmax(1))
-  assert (out / "attribution" / "index.html").read_text().count("<img") == 4
+  report = out / "attribution"
+  index = report_test.parse(report / "index.html")
+  assert [int(r["data-query"]) for r in index.rows] == [0, 1, 2, 3]
+  assert report_test.assert_links_resolve(report) > 4
+  text = (report / "index.html").read_text()
+  assert "D-TRAK, f = square_norm" in text and "K = 2" in text and "k = 32" in text
+  assert "library default, not tuned" in text and "results.md#" in text
+  for i in range(4):  # proponents in descending, opponents in ascending order of tau
+    page = report_test.parse(report / f"query_{i:03d}.html")
+    tau, ids = scores["tau"][i], scores["train_ids"]
+    assert [t[0] for t in page.tables["pro"]] == [ids[j] for j in np.argsort(-tau)[:3]
+                                                  if tau[j] > 0]
+    assert [t[0] for t in page.tables.get("opp", [])] == [ids[j] for j in np.argsort(tau)[:3]
+                                                          if tau[j] < 0]
+    assert len(page.tables["neighbours"]) == 3
+  # jattr report rebuilds the same report from the scores file.
+  assert cli.main(["report", "--scores", str(report / "scores.npz"), "--run", str(out)]) == 0
+  np.testing.assert_array_equal(np.load(out / "reports" / "scores" / "scores.npz")["top"],
+                                scores["top"])
   # Sampling again with the run's seed reproduces the samples.
   first = np.load(out / "samples.npz")["x"]
   assert cli.main(["sample", "--run", str(out)]) == 0
@@ -53,7 +73,7 @@ def test_clear_errors(tmp_path, capsys):
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"datset": "digits"}))
   assert cli.main(["train", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
-  assert "unknown RunConfig keys ['datset']" in capsys.readouterr().err
+  assert "unknown RunConfig fields ['datset'] (did you mean 'dataset'?)" in capsys.readouterr().err
   assert cli.main(["train", "--dataset", "cifar2", "--data-dir", str(tmp_path / "void"),
                    "--out", str(tmp_path / "r2")]) == 2
   assert "void" in capsys.readouterr().err

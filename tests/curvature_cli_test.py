@@ -201,3 +201,20 @@ def test_cli_refusals(tiny_run, ekfac_dir, tmp_path):
           "dense", "--max-dense-params", "5000", "--quiet"])
   with pytest.raises(ValueError, match="already holds a curvature"):
     _cli(["fit-curvature", "--run", str(tiny_run), "--out", str(out), "--quiet"])
+
+
+def test_influence_refuses_a_curvature_of_other_training_images(tiny_run, ekfac_dir,
+                                                               monkeypatch):
+  from jattr.runs import curvature as workflow
+
+  out, _ = ekfac_dir
+  assert cs.read_curvature_meta(out)["dataset"]["images_sha256"]
+  real = workflow.training_data
+
+  def changed(cfg):  # the same indices, other pixels: the data at data_dir changed
+    ds, idx = real(cfg)
+    return ds._replace(x=ds.x[::-1]), idx
+
+  monkeypatch.setattr(workflow, "training_data", changed)
+  with pytest.raises(ValueError, match="fitted on other training images"):
+    runs.influence_run(tiny_run, out)

@@ -252,6 +252,57 @@ def test_held_out_queries_are_the_images_the_run_did_not_train_on(tiny_run):
   x, info, digest = runs.query_examples(cfg, tiny_run, "test")
   _, train_idx = training_data(cfg)
   held_out = np.array([i for i in range(1797) if i not in set(train_idx.tolist())])
-  assert info == {"name": "digits", "split": "train_heldout"} and len(held_out) == 1797 - 24
+  assert info == {"name": "digits", "split": "train_heldout",
+                  "images_sha256": hashing.array_hash(x)} and len(held_out) == 1797 - 24
   np.testing.assert_array_equal(x, load_digits().x[held_out])
   assert digest == hashing.array_hash(held_out)
+
+
+def _three_chunk_store(path):
+  store = FeatureStore.open(path, {"a": 1}, 10, 3, 4)
+  for i in range(store.num_chunks):
+    a, b = store.chunk_bounds(i)
+    store.write_chunk(i, np.arange(a * 3, b * 3, dtype=np.float32).reshape(b - a, 3))
+  return store
+
+
+def test_a_deleted_or_damaged_chunk_is_an_error_naming_it_never_nan(tmp_path):
+  store = _three_chunk_store(tmp_path / "s")
+  np.testing.assert_array_equal(store.read()[4], [12, 13, 14])
+  store.chunk_file(1).unlink()  # the sidecar still says complete
+  loaded = FeatureStore.load(tmp_path / "s")
+  assert loaded.complete
+  with pytest.raises(ValueError, match=r"chunk 1 \(rows 4:8, file .*features/c/1/0\) is missing"):
+    loaded.read()
+  np.testing.assert_array_equal(loaded.read(np.arange(4)), store.read(np.arange(4)))
+  store = _three_chunk_store(tmp_path / "t")
+  raw = bytearray(store.chunk_file(2).read_bytes())
+  raw[0] ^= 0xFF  # one byte of the first float of chunk 2 changed
+  store.chunk_file(2).write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match="chunk 2 .* is damaged"):
+    FeatureStore.load(tmp_path / "t").read(np.array([9]))
+
+
+def test_a_store_written_before_checksums_is_still_checked_for_missing_chunks(tmp_path):
+  import json
+
+  store = _three_chunk_store(tmp_path / "s")
+  sidecar = json.loads((tmp_path / "s" / "store.json").read_text())
+  del sidecar["chunk_sha256"]
+  (tmp_path / "s" / "store.json").write_text(json.dumps(sidecar))
+  np.testing.assert_array_equal(FeatureStore.load(tmp_path / "s").read(), store.read())
+  store.chunk_file(0).unlink()
+  with pytest.raises(ValueError, match="chunk 0 .* is missing"):
+    FeatureStore.load(tmp_path / "s").read()
+
+
+def test_score_with_a_deleted_chunk_exits_2_and_writes_nothing(tmp_path, tiny_run, capsys):
+  _cli(["featurize", "--run", str(tiny_run), "--out", str(tmp_path / "train"), "--num-draws",
+        "2", "--proj-dim", "16", "--store-chunk-rows", "16", "--quiet"])
+  _cli(["featurize", "--run", str(tiny_run), "--out", str(tmp_path / "q"), "--queries", "test",
+        "--like", str(tmp_path / "train"), "--quiet"])
+  FeatureStore.load(tmp_path / "train").chunk_file(0).unlink()
+  code = cli.main(["score", "--train-store", str(tmp_path / "train"), "--query-store",
+                   str(tmp_path / "q"), "--out", str(tmp_path / "tau.npz")])
+  assert code == 2 and "chunk 0" in capsys.readouterr().err
+  assert not (tmp_path / "tau.npz").exists()

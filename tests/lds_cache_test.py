@@ -238,3 +238,56 @@ def test_influence_methods_match_the_library_call(built):
   want = influence(cache.apply_fn, cache.full_params, cache.schedule, draws, train,
                    jnp.asarray(queries.images), None)
   np.testing.assert_allclose(dot_fn({}, queries), want, rtol=2e-4, atol=1e-6)
+
+
+def test_a_cache_refuses_other_training_images_and_writes_nothing(built, tmp_path,
+                                                                  monkeypatch):
+  _, cache = built
+  d = lds_cache.cache_dir(SPEC, tmp_path)
+  shutil.copytree(cache.directory, d)
+  assert json.loads((d / "data.json").read_text())["num_train"] == 16
+  before = {p: p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()}
+  real = lds_cache.load_data
+
+  def permuted(spec, data_dir=None):  # the same images in another order: another dataset
+    ds = real(spec, data_dir)
+    order = np.random.default_rng(0).permutation(len(ds))
+    return ds._replace(x=ds.x[order], y=ds.y[order])
+
+  monkeypatch.setattr(lds_cache, "load_data", permuted)
+  with pytest.raises(ValueError, match="built from other training images"):
+    _build(tmp_path)
+  assert {p: p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()} == before
+
+
+def test_a_failing_dataset_leaves_no_stray_cache_directory(tmp_path):
+  spec = lds_cache.LdsSpec.from_dict({**SPEC.to_dict(), "dataset": "fashion_mnist"})
+  with pytest.raises(FileNotFoundError):
+    lds_cache.build(spec, tmp_path / "root", data_dir=tmp_path / "nothing", model=MODEL)
+  assert not (tmp_path / "root").exists()
+
+
+def test_results_accumulate_by_method_and_refuse_another_benchmark(built, tmp_path,
+                                                                   monkeypatch):
+  from jattr.bench import drivers
+
+  _, cache = built
+  monkeypatch.setattr(drivers, "build_cache", lambda config, progress=None: cache)
+  config = {"spec": SPEC.to_dict(), "bootstrap": {"num_resamples": 20}}
+  results = tmp_path / "r.json"
+  drivers.run_lds(config, methods=["random"], results_path=str(results))
+  first = json.loads(results.read_text())
+  record = drivers.run_lds(config, methods=["pixel_cosine"], results_path=str(results))
+  saved = json.loads(results.read_text())
+  assert [r["method"] for r in saved["reports"]] == ["random", "pixel_cosine"]
+  assert saved["reports"][0] == first["reports"][0]  # the earlier run's row is kept as it was
+  assert "| random |" in saved["table"] and "| pixel_cosine |" in saved["table"]
+  assert set(saved["timing"]) == {"random", "pixel_cosine"} and record == saved
+  drivers.run_lds(config, methods=["random"], results_path=str(results))  # replaces its row
+  assert [r["method"] for r in json.loads(results.read_text())["reports"]] == [
+      "random", "pixel_cosine"]
+  other = {**saved, "spec_digest": "0" * 64}
+  results.write_text(json.dumps(other))
+  with pytest.raises(ValueError, match="results of another benchmark"):
+    drivers.run_lds(config, methods=["random"], results_path=str(results))
+  assert json.loads(results.read_text()) == other

@@ -166,6 +166,21 @@ def test_errors_name_the_argument(problem):
     mucs.mucs_config(stop_ratio=1.5)
 
 
+def test_mucs_scores_chunked_equal_unchunked_and_report_progress(problem):
+  params, data, queries, draws, null = problem
+  cfg = mucs.mucs_config(num_steps=5, learning_rate=0.01, retain_batch_size=4)
+  whole = mucs.mucs_scores(mlp_apply, params, SCHED, data, queries, null, jax.random.key(1),
+                           draws, cfg)
+  calls = []
+  chunked = mucs.mucs_scores(mlp_apply, params, SCHED, data, queries, null, jax.random.key(1),
+                             draws, cfg, query_chunk_size=2, train_chunk_size=5,
+                             progress=lambda *a, **k: calls.append(a))
+  # Q = 3 in chunks of 2: the last chunk is shifted back (queries 1, 2), not padded
+  assert calls == [("mucs", 2, 3), ("mucs", 3, 3)]
+  np.testing.assert_allclose(chunked.scores, whole.scores, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(chunked.unlearn.steps, whole.unlearn.steps)
+
+
 def test_returned_losses_give_the_scores(problem):
   params, data, queries, draws, null = problem
   cfg = mucs.mucs_config(num_steps=5, learning_rate=0.01, retain_batch_size=4)

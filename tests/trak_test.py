@@ -95,6 +95,18 @@ def test_trak_errors():
     trak.trak_score(state, jnp.ones((2, 4)))
 
 
+def test_trak_fit_rejects_nonfinite_and_zero_features():
+  phi = np.ones((5, 3), np.float32)
+  phi[1, 2], phi[3, 0] = np.nan, np.inf
+  with pytest.raises(ValueError, match=r"train_features hold 2 non-finite entries"):
+    trak.trak_fit(jnp.asarray(phi))
+  with pytest.raises(ValueError, match=r"train_features hold 2 non-finite entries"):
+    trak.trak_fit(jnp.asarray(phi), damping=1.0)  # not a damping problem
+  for damping in (None, 1.0):
+    with pytest.raises(ValueError, match="all zero.*does not depend on the parameters"):
+      trak.trak_fit(jnp.zeros((5, 3)), damping=damping)
+
+
 @pytest.mark.parametrize("tiles", [(1, 1), (3, 4), (7, 11), (100, 100)])
 def test_tiled_equals_untiled(x64, tiles, tmp_path):
   a = _features(0, 7, 5)

@@ -27,10 +27,12 @@ Methods are registered by name in ``jattr.bench.registry.METHODS``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,17 +41,100 @@ import numpy as np
 from jattr.bench import lds_cache
 from jattr.bench.registry import METHODS, scores_file_method
 from jattr.eval.counterfactual import counterfactual as run_removal
-from jattr.eval.selection import VALIDATION, results_table, select_and_evaluate
-from jattr.io import atomic, checkpoint
+from jattr.eval.selection import VALIDATION, MethodReport, results_table, select_and_evaluate
+from jattr.io import atomic, checkpoint, guard
 from jattr.progress import Progress
+from jattr.train import STRATEGIES
+
+
+@dataclasses.dataclass(frozen=True)
+class BootstrapConfig:
+  """The ``bootstrap`` entry of an experiment config (``select_and_evaluate``'s)."""
+
+  num_resamples: int = 10000
+  confidence: float = 0.95
+  seed: int = 0
+
+  def __post_init__(self):
+    guard.check_fields(self)
+    guard.at_least(self, "num_resamples", 1)
+    if not 0 < self.confidence < 1:
+      raise guard.ConfigError("confidence", f" = {self.confidence}: expected a number in "
+                              f"(0, 1)", "BootstrapConfig")
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterfactualConfig:
+  """The ``counterfactual`` entry of an experiment config (``run_counterfactual``)."""
+
+  method: str = "pixel_cosine"
+  num_queries: int = 10
+  ks: tuple[int, ...] = (10, 50, 100)
+  random_seed: int = 0
+  results: str | None = None
+
+  def __post_init__(self):
+    guard.check_fields(self)
+    guard.one_of(self, "method", sorted(METHODS))
+    guard.at_least(self, "num_queries", 1)
+    if not self.ks or min(self.ks) < 1:
+      raise guard.ConfigError("ks", f" = {guard.show(list(self.ks))}: expected a non-empty "
+                              f"list of integers >= 1", "CounterfactualConfig")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """The keys of an experiment config (module docstring), and their types.
+
+  ``load_config`` checks a file against these before anything runs; the drivers
+  read the config as the dict it is.
+  """
+
+  spec: dict
+  name: str | None = None
+  comment: Any = None
+  cache_root: str = "runs/lds_cache"
+  data_dir: str | None = None
+  strategy: str = "map"
+  chunk_size: int | None = None
+  query_chunk: int = 64
+  methods: tuple[str, ...] | None = None
+  bootstrap: BootstrapConfig = BootstrapConfig()
+  results: str | None = None
+  counterfactual: CounterfactualConfig = CounterfactualConfig()
+
+  def __post_init__(self):
+    guard.check_fields(self)
+    guard.one_of(self, "strategy", STRATEGIES)
+    guard.at_least(self, "chunk_size", 1, optional=True)
+    guard.at_least(self, "query_chunk", 1)
+    for i, m in enumerate(self.methods or ()):
+      if m not in METHODS:
+        raise guard.ConfigError(f"methods[{i}]", f" = {guard.show(m)}: expected a method of "
+                                f"jattr.bench.METHODS{guard.suggest(m, METHODS)}",
+                                "ExperimentConfig")
 
 
 def load_config(path: str | pathlib.Path) -> dict:
-  """Reads an experiment config and checks its spec."""
-  config = json.loads(pathlib.Path(path).read_text())
-  if "spec" not in config:
-    raise ValueError(f"{path}: an experiment config needs a 'spec' entry (LdsSpec fields)")
-  lds_cache.LdsSpec.from_dict(config["spec"])
+  """Reads an experiment config and checks all of it before anything runs.
+
+  Every key of the file (``ExperimentConfig``), of its ``spec`` (``LdsSpec``, whose
+  ``model`` is the UNet ``build`` makes) and of the nested entries is checked for
+  its type and range; an unknown key is refused with the nearest valid one.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError (``jattr.io.guard.ConfigError`` for a key): naming the file, the key,
+      the value and what is expected; invalid JSON with its line and column.
+  """
+  where = str(path)
+  config = guard.read_json(path, "experiment config")
+  guard.from_dict(ExperimentConfig, config, where=where)
+  spec = lds_cache.LdsSpec.from_dict(config["spec"], where=where, key="spec")
+  try:
+    lds_cache.check_unet_model(spec)
+  except guard.ConfigError as e:
+    raise e.within("spec", where) from None
   return config
 
 
@@ -110,23 +195,54 @@ def run_lds(config: dict, *, methods=None, scores: dict | None = None,
     score_fn, grid = scores_file_method(path)
     reports.append(select_and_evaluate(name, score_fn, grid, cache.masks,
                                        cache.splits[VALIDATION], reported, **boot))
-  table = results_table(reports) if reports else ""
   summary = lds_cache.cache_summary(cache)
+  path = results_path or config.get("results")
+  previous = _previous_reports(path, cache.spec.digest()) if path else {}
+  merged = {**previous, **{r.method: r.to_dict() for r in reports}}
+  table = (results_table([MethodReport.from_dict(d) for d in merged.values()])
+           if merged else "")
   record = {"name": config.get("name"), "spec": cache.spec.to_dict(),
             "spec_digest": cache.spec.digest(), "cache": summary,
-            "reports": [r.to_dict() for r in reports], "table": table, "timing": timing,
+            "reports": list(merged.values()), "table": table,
+            "timing": {**(_previous_timing(path) if previous else {}), **timing},
             "wall_s": time.perf_counter() - t0}
-  path = results_path or config.get("results")
   if path:
     lds_cache.save_report(path, record)
   print(_header(cache, summary), file=out)
-  print(table, file=out)
+  print(results_table(reports) if reports else "", file=out)
   for name, tm in timing.items():
     print(f"  {name}: setup {tm['setup_s']:.1f} s, scoring {tm['scoring_s']:.1f} s "
           f"({tm['grid_size']} grid points on validation + the reported splits)", file=out)
   if path:
-    print(f"\nresults written to {path}", file=out)
+    kept = sorted(set(previous) - {r.method for r in reports})
+    print(f"\nresults written to {path}" + (f" (with the earlier runs' {', '.join(kept)})"
+                                            if kept else ""), file=out)
   return record
+
+
+def _previous_reports(path, spec_digest: str) -> dict:
+  """The reports already in a results record, by method (they accumulate across runs).
+
+  Raises:
+    ValueError: if the record belongs to another benchmark (spec digest).
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    return {}
+  try:
+    record = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not a readable results record ({e}); pass another "
+                     "--results or remove it") from None
+  if record.get("spec_digest") != spec_digest:
+    raise ValueError(f"{path} holds results of another benchmark (spec digest "
+                     f"{str(record.get('spec_digest'))[:12]}…, this one {spec_digest[:12]}…); "
+                     "pass another --results file")
+  return {r["method"]: r for r in record.get("reports", [])}
+
+
+def _previous_timing(path) -> dict:
+  return json.loads(pathlib.Path(path).read_text()).get("timing", {})
 
 
 def _header(cache: lds_cache.LdsCache, summary: dict) -> str:

@@ -35,6 +35,7 @@ from jattr.diffusion import draws as draws_lib
 from jattr.bench import lds_cache
 from jattr.eval.measure import member_measure_fn
 from jattr.io import atomic, checkpoint
+from jattr.io.lock import DirectoryLock
 from jattr.methods import ensembles
 from jattr.progress import Progress
 from jattr.train import train_many
@@ -130,6 +131,15 @@ def build(cache: lds_cache.LdsCache, spec: EnsembleSpec, *, strategy: str = "map
     The loaded ``Ensemble``.
   """
   directory = ensemble_dir(cache, spec)
+  done = (checkpoint.latest_step(directory / "members") == cache.train_config.num_steps
+          and (directory / "design.npz").exists())
+  if done:  # only reads: no lock
+    return _build(cache, spec, directory, strategy, chunk_size, data_dir, progress)
+  with DirectoryLock(directory, "ensemble"):  # one trainer at a time
+    return _build(cache, spec, directory, strategy, chunk_size, data_dir, progress)
+
+
+def _build(cache, spec, directory, strategy, chunk_size, data_dir, progress) -> Ensemble:
   directory.mkdir(parents=True, exist_ok=True)
   record = {"version": FORMAT_VERSION, "ensemble": spec.to_dict(),
             "lds_digest": cache.spec.digest(), "digest": spec.digest(cache.spec.digest())}

@@ -5,6 +5,7 @@ subsets, seeds, draws, sampler — is an ``LdsSpec``. Its canonical JSON is hash
 and the cache lives in ``<root>/<dataset>-<hash>/``:
 
     spec.json                   the spec, its hash, the format version
+    data.json                   the sha256 of the training images (checked on reuse)
     split.npz                   train/validation/test indices into the dataset,
                                 subset masks [M, N]
     full/                       train_many checkpoint of the full-data model
@@ -22,7 +23,10 @@ and the cache lives in ``<root>/<dataset>-<hash>/``:
 ``build`` runs the stages in order and skips every stage whose output exists, so a
 second call with the same spec reads the cache and trains nothing, and a build
 killed at any point resumes from the last segment checkpoint of the stage it was in
-(``train_many``'s own resume) with identical numbers.
+(``train_many``'s own resume) with identical numbers. One builder at a time: a
+build that has anything to write holds the cache's ``jattr.io.lock.DirectoryLock``;
+loading a complete cache takes no lock. The training images are fingerprinted
+(``data.json``), so a cache is never reused with other data.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import json
 import os
 import pathlib
 import time
+import typing
 from typing import Any, Callable
 
 import jax
@@ -47,13 +52,17 @@ from jattr.diffusion.schedules import Schedule
 from jattr.eval.lds import noise_ceiling, spearman_brown, subset_masks, subset_size
 from jattr.eval.measure import member_measure_fn
 from jattr.eval.selection import Queries, QuerySet
-from jattr.io import atomic, checkpoint
+from jattr.io import atomic, checkpoint, guard
+from jattr.io.hashing import array_hash
+from jattr.io.lock import DirectoryLock
 from jattr.progress import Progress
 from jattr.train import TrainConfig, init_state, make_optimizer, member_keys, train_many
 from jattr.types import ApplyFn, Params
 
 FORMAT_VERSION = 1
 SPLITS = ("validation", "test", "generated")
+DATA_RECORD = "data.json"
+"""The fingerprint of the training images the cache was built from."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,30 +123,50 @@ class LdsSpec:
   sample_seed: int = 0
 
   def __post_init__(self):
+    # Every field's type first (jattr.io.guard), then the values: a spec from a file
+    # or from Python is refused before anything is built, naming the key.
+    guard.check_fields(self)
     if self.classes is not None:
       object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+    guard.one_of(self, "dataset", data_lib.DATASET_NAMES)
+    guard.one_of(self, "draw_timesteps", ("uniform", "random"))
+    guard.at_least(self, "image_size", 1, optional=True)
     for name in ("num_train", "num_subsets", "num_seeds", "num_draws"):
-      if int(getattr(self, name)) < 1:
-        raise ValueError(f"LdsSpec.{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("num_validation", "num_test", "num_generated"):
-      if int(getattr(self, name)) < 0:
-        raise ValueError(f"LdsSpec.{name} must be >= 0, got {getattr(self, name)}")
+      guard.at_least(self, name, 1)
+    for name in ("num_test", "num_generated", "split_seed", "subset_seed"):
+      guard.at_least(self, name, 0)
     if self.num_validation < 1:
-      raise ValueError(f"LdsSpec.num_validation must be >= 1 (selection needs validation "
-                       f"queries), got {self.num_validation}")
-    subset_size(self.num_train, self.alpha)  # validates alpha and N
-    TrainConfig(**self.train)  # validates the recipe
-    Schedule(**self.schedule)
-    if self.sampler.get("kind") not in ("ddim", "ddpm"):
-      raise ValueError(f"LdsSpec.sampler['kind'] must be 'ddim' or 'ddpm', got {self.sampler}")
+      raise guard.ConfigError("num_validation", f" = {self.num_validation}: expected an "
+                              f"integer >= 1 (selection needs validation queries)", "LdsSpec")
+    try:
+      subset_size(self.num_train, self.alpha)  # validates alpha and N
+    except ValueError as e:
+      raise guard.ConfigError("alpha", f" = {guard.show(self.alpha)}: {e}", "LdsSpec") from None
+    try:
+      guard.from_dict(TrainConfig, self.train, key="train")  # the recipe
+      schedule = guard.from_dict(Schedule, self.schedule, key="schedule")
+      _check_sampler_spec(self.sampler)
+    except guard.ConfigError as e:
+      raise guard.ConfigError(e.key, e.problem, "LdsSpec", rel=e.rel) from None
+    if self.num_draws > schedule.num_timesteps and self.draw_timesteps == "uniform":
+      raise guard.ConfigError("num_draws", f" = {self.num_draws}: expected at most "
+                              f"schedule.num_timesteps = {schedule.num_timesteps} uniform draws",
+                              "LdsSpec")
 
   @classmethod
-  def from_dict(cls, d: dict) -> "LdsSpec":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"unknown LdsSpec fields {unknown}; expected a subset of {sorted(known)}")
-    return cls(**d)
+  def from_dict(cls, d: dict, *, where: str | None = None, key: str = "") -> "LdsSpec":
+    """A spec from its JSON form, every key and type checked (``jattr.io.guard``).
+
+    Args:
+      d: the JSON object.
+      where: the file it came from, named in every error.
+      key: its key in that file (``"spec"`` in an experiment config).
+
+    Raises:
+      ValueError (``jattr.io.guard.ConfigError``): an unknown key (with the nearest
+        valid one), a wrong type or a value out of range, naming the key.
+    """
+    return guard.from_dict(cls, d, where=where, key=key)
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -156,6 +185,63 @@ class LdsSpec:
   @property
   def noise_schedule(self) -> Schedule:
     return Schedule(**self.schedule)
+
+
+DATASET_IMAGE_SHAPES = {"digits": (8, 8, 1), "fashion_mnist": (28, 28, 1),
+                        "cifar2": (32, 32, 3), "olivetti": (64, 64, 1)}
+"""(H, W, C) of each dataset's images as its loader gives them (``jattr.data``)."""
+SAMPLER_KEYS = {"ddim": {"kind": str, "num_steps": int, "eta": float, "clip_x0": bool},
+                "ddpm": {"kind": str, "clip_x0": bool}}
+"""The keys ``LdsSpec.sampler`` may hold, by ``kind`` (the samplers' keywords)."""
+
+
+def check_unet_model(spec: LdsSpec) -> None:
+  """Checks ``spec.model`` as the UNet ``build`` makes of it (no ``model`` given): a
+  ``preset`` and ``UNetConfig`` fields, ``image_shape`` coming from the data.
+
+  The UNet is built for the image shape the dataset's loader gives
+  (``DATASET_IMAGE_SHAPES``, ``image_size`` applied), so its checks run before
+  anything is loaded or built.
+
+  Raises:
+    ValueError (``jattr.io.guard.ConfigError``): naming ``model.KEY``.
+  """
+  model = spec.model
+  hints = typing.get_type_hints(models.UNetConfig)
+  names = [f.name for f in dataclasses.fields(models.UNetConfig) if f.name != "image_shape"]
+  guard.check_keys(model, ["preset", *names], key="model", what="model")
+  fields = {k: guard.check_value(v, hints[k], f"model.{k}") for k, v in model.items()
+            if k != "preset"}
+  preset = model.get("preset")
+  try:
+    if preset is not None:
+      guard.check_value(preset, str, "model.preset")
+      base = models.config_by_name(preset)
+    else:
+      base = models.UNetConfig(image_shape=(8, 8, 1))
+    h, w, c = DATASET_IMAGE_SHAPES.get(spec.dataset, base.image_shape)
+    if spec.image_size is not None:
+      h = w = spec.image_size
+    dataclasses.replace(base, image_shape=(h, w, c), **fields)
+  except (ValueError, TypeError) as e:
+    raise guard.ConfigError("model", f": {e}") from None
+
+
+def _check_sampler_spec(sampler: dict) -> None:
+  kind = sampler.get("kind")
+  if kind not in SAMPLER_KEYS:
+    tip = guard.suggest(kind, SAMPLER_KEYS) if isinstance(kind, str) else ""
+    raise guard.ConfigError("sampler.kind", f" = {guard.show(kind)}: expected \"ddim\" or "
+                            f"\"ddpm\"{tip}")
+  keys = SAMPLER_KEYS[kind]
+  guard.check_keys(sampler, keys, key="sampler", what=f"{kind} sampler")
+  for k, v in sampler.items():
+    guard.check_value(v, keys[k], f"sampler.{k}")
+  if sampler.get("num_steps", 1) < 1:
+    raise guard.ConfigError("sampler.num_steps", f" = {sampler['num_steps']}: expected an "
+                            f"integer >= 1")
+  if sampler.get("eta", 0.0) < 0:
+    raise guard.ConfigError("sampler.eta", f" = {sampler['eta']}: expected a number >= 0")
 
 
 @dataclasses.dataclass
@@ -375,13 +461,50 @@ def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
   Returns:
     The loaded ``LdsCache``.
   """
+  ds = load_data(spec, data_dir)  # before any write: an unknown dataset leaves nothing
   directory = cache_dir(spec, root)
+  args = (spec, directory, ds, model, strategy, chunk_size, query_chunk, progress)
+  if _is_complete(directory, spec):  # only reads: no lock, so many scorers may share it
+    return _build(*args)
+  with DirectoryLock(directory, "LDS cache"):  # one builder at a time
+    return _build(*args)
+
+
+def _is_complete(directory: pathlib.Path, spec: LdsSpec) -> bool:
+  names = ["spec.json", DATA_RECORD, "split.npz", "queries.npz",
+           *(f"y/replicate_{r}.npz" for r in range(spec.num_seeds))]
+  return all((directory / n).exists() for n in names)
+
+
+def check_data_record(path: pathlib.Path, train_images: np.ndarray) -> None:
+  """Records the sha256 of the training images a cache was built from, or checks it.
+
+  The data directory is not part of the spec hash (the same benchmark may live in
+  different places), so the images themselves are fingerprinted: a cache reused
+  with a different copy, order or version of the dataset is refused, naming both
+  fingerprints, instead of silently pairing its trained models with other images.
+  A cache built before the fingerprint existed records it on first use.
+  """
+  digest = array_hash(np.asarray(train_images, np.float32))
+  if path.exists():
+    saved = json.loads(path.read_text()).get("train_images_sha256")
+    if saved != digest:
+      raise ValueError(
+          f"the LDS cache {path.parent} was built from other training images: its record "
+          f"{path.name} has sha256 {str(saved)[:16]}…, the data loaded now hashes to "
+          f"{digest[:16]}… (a different copy, order or version of the dataset at data_dir?). "
+          "Point data_dir at the data the cache was built from, or use another cache_root")
+  else:
+    atomic.write_json(path, {"train_images_sha256": digest,
+                             "num_train": int(np.shape(train_images)[0])})
+
+
+def _build(spec: LdsSpec, directory: pathlib.Path, ds, model, strategy, chunk_size,
+           query_chunk, progress) -> LdsCache:
   directory.mkdir(parents=True, exist_ok=True)
   check_spec_record(directory / "spec.json",
                     {"version": FORMAT_VERSION, "digest": spec.digest(), "spec": spec.to_dict()})
   config, sched = spec.train_config, spec.noise_schedule
-
-  ds = load_data(spec, data_dir)
   image_shape = ds.shape
   init_fn, apply_fn = model if model is not None else _unet_from_spec(spec, image_shape)
   draws = make_draws(spec, image_shape)
@@ -398,6 +521,7 @@ def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
   split = dict(np.load(split_path))
   train_images = ds.x[split["train"]]
   masks = split["masks"]
+  check_data_record(directory / DATA_RECORD, train_images)
 
   # Stage 2: the full-data model.
   full_dir = directory / "full"

@@ -8,33 +8,53 @@
     jattr featurize / score                              feature stores, scores from them
     jattr mucs                                           unlearning attribution
     jattr lds / counterfactual                           the benchmark harness
+    jattr report   --scores FILE [--run DIR]             HTML report of any score file
 
-Every command takes ``--help``.
+Every command takes ``--help``. A command that fails prints one line,
+``jattr CMD: error: …`` naming the flag, key or path and what is wrong, and exits
+with status 2; ``jattr --debug CMD …`` (or ``JATTR_DEBUG=1``) adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
-from jattr.cli import curvature, features, lds, mucs, run
+from jattr.cli import curvature, features, lds, mucs, report, run
+from jattr.cli.errors import EXPECTED, debug_enabled, message
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jattr", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--debug", action="store_true",
+                      help="print the traceback of an error (also: JATTR_DEBUG=1)")
   sub = parser.add_subparsers(dest="command", required=True)
-  for module in (run, curvature, mucs, features, lds):
+  for module in (run, curvature, mucs, features, lds, report):
     module.add_parsers(sub)
+  for command in sub.choices.values():  # `jattr CMD --debug` works too
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="print the traceback of an error (also: JATTR_DEBUG=1)")
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  """Runs one command; returns its exit status (0, or 2 with one line on stderr).
+
+  Flags are checked by argparse (a bad flag value exits 2 with argparse's usage
+  line), then the command checks everything else before it writes anything.
+  """
+  try:
+    args = build_parser().parse_args(argv)
+  except SystemExit as e:  # --help, or argparse refused a flag (it printed why)
+    return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
   try:
     args.func(args)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"jattr {args.command}: error: {e}", file=sys.stderr)
+  except EXPECTED as e:
+    if debug_enabled(args.debug):
+      traceback.print_exc()
+    print(f"jattr {args.command}: error: {message(e)}", file=sys.stderr)
     return 2
   return 0
 

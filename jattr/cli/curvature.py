@@ -9,6 +9,7 @@ from jattr.cli import flags
 from jattr.cli.progress import progress_for
 from jattr.curvature import DEFAULT_ESTIMATION_MODE, ESTIMATION_MODES, MAX_DENSE_PARAMS
 from jattr.diffusion.measurements import MEASUREMENTS
+from jattr.io import guard
 from jattr.runs import CURVATURES, fit_run_curvature, influence_run, write_influence
 from jattr.runs import curvature as workflow
 
@@ -30,6 +31,7 @@ def cmd_fit_curvature(args):
 
 
 def cmd_influence(args):
+  guard.check_output_file(args.out, "--out", kind="influence", keys=workflow.INFLUENCE_KEYS)
   t0 = time.perf_counter()
   kw = {} if args.damping is None else {"damping": args.damping}
   tau, info = influence_run(args.run, args.curvature, measurement=args.measurement,
@@ -56,21 +58,21 @@ def add_parsers(sub) -> None:
                  help="K-FAC approximation for conv/attention layers (K-FAC, EK-FAC's basis; "
                       "default: %(default)s)")
   flags.draws(p)
-  p.add_argument("--damping", type=float,
+  p.add_argument("--damping", type=flags.nonneg_float,
                  help="default lambda stored with the curvature (default: 0.1 x the mean "
                       "eigenvalue, per block)")
   p.add_argument("--estimation-mode", choices=ESTIMATION_MODES, default=DEFAULT_ESTIMATION_MODE,
                  help="how G is sampled (default: %(default)s)")
-  p.add_argument("--num-samples", type=int, default=1,
+  p.add_argument("--num-samples", type=flags.positive_int, default=1,
                  help="random output vectors per example-draw (default: %(default)s)")
   p.add_argument("--seed", type=int, default=0, help="seed of the sampled estimation modes")
-  p.add_argument("--batch-size", type=int, default=64,
+  p.add_argument("--batch-size", type=flags.positive_int, default=64,
                  help="examples (each with all K draws) per K-FAC update (default: %(default)s)")
-  p.add_argument("--grad-batch-size", type=int,
+  p.add_argument("--grad-batch-size", type=flags.positive_int,
                  help="examples per per-example-gradient pass of EK-FAC / diagonal (default: "
                       "the most whose K x P gradients fit 1 GiB)")
-  p.add_argument("--chunk-size", type=int, help="GGN rows per vmap in those passes")
-  p.add_argument("--max-dense-params", type=int, default=MAX_DENSE_PARAMS,
+  p.add_argument("--chunk-size", type=flags.positive_int, help="GGN rows per vmap in those passes")
+  p.add_argument("--max-dense-params", type=flags.positive_int, default=MAX_DENSE_PARAMS,
                  help="largest P --approx dense accepts (default: %(default)s)")
   p.add_argument("--overwrite", action="store_true", help="replace a curvature in --out")
   flags.quiet(p)
@@ -83,13 +85,13 @@ def add_parsers(sub) -> None:
   p.add_argument("--curvature", required=True, help="directory made by `jattr fit-curvature`")
   p.add_argument("--measurement", choices=MEASUREMENTS, default="loss",
                  help="query measurement m_q (default: %(default)s)")
-  p.add_argument("--time", type=int, help="timestep of --measurement loss_at_time")
+  p.add_argument("--time", type=flags.nonneg_int, help="timestep of --measurement loss_at_time")
   flags.queries(p, "samples")
-  p.add_argument("--damping", type=float,
+  p.add_argument("--damping", type=flags.nonneg_float,
                  help="lambda (default: the curvature's stored default)")
-  p.add_argument("--tile-size", type=int, default=256,
+  p.add_argument("--tile-size", type=flags.positive_int, default=256,
                  help="training examples per gradient tile (default: %(default)s)")
-  p.add_argument("--chunk-size", type=int,
+  p.add_argument("--chunk-size", type=flags.positive_int,
                  help="examples per vmap (default: the most whose gradients fit 1 GiB)")
   p.add_argument("--out", required=True, help="output .npz")
   flags.quiet(p)

@@ -8,6 +8,7 @@ import time
 from jattr.cli import flags
 from jattr.cli.progress import progress_for
 from jattr.features.projection import PROJECTION_KINDS
+from jattr.io import guard
 from jattr.runs import SCORE_METHODS, SPEC_DEFAULTS, featurize_run, score_stores, write_scores
 from jattr.runs import features as workflow
 
@@ -25,6 +26,7 @@ def cmd_featurize(args):
 
 
 def cmd_score(args):
+  guard.check_output_file(args.out, "--out", kind="score", keys=workflow.SCORE_KEYS)
   t0 = time.perf_counter()
   tau, info = score_stores(args.train_store, args.query_store, args.method,
                            damping=args.damping, relative_damping=args.relative_damping)
@@ -44,16 +46,18 @@ def add_parsers(sub) -> None:
   p.add_argument("--like", help="train feature store whose measurement, draws and "
                                 "projection to reuse (for query stores)")
   p.add_argument("--measurement", help="output function f (default: square_norm)")
-  p.add_argument("--time", type=int, help="timestep of --measurement loss_at_time")
+  p.add_argument("--time", type=flags.nonneg_int, help="timestep of --measurement loss_at_time")
   flags.draws(p, defaults=False)
-  p.add_argument("--proj-dim", type=int, help="k, projected dimension (default: 4096)")
+  p.add_argument("--proj-dim", type=flags.positive_int,
+                 help="k, projected dimension (default: 4096)")
   p.add_argument("--proj-kind", choices=PROJECTION_KINDS, help="default: rademacher")
   p.add_argument("--proj-seed", type=int, help="seed of the projection (default: 0)")
-  p.add_argument("--block-size", type=int, help="rows of P regenerated at a time (default: 1024)")
-  p.add_argument("--chunk-size", type=int,
+  p.add_argument("--block-size", type=flags.positive_int,
+                 help="rows of P regenerated at a time (default: 1024)")
+  p.add_argument("--chunk-size", type=flags.positive_int,
                  help="examples whose gradients exist at once (default: the most that fit "
                       "1 GiB, at most --store-chunk-rows)")
-  p.add_argument("--store-chunk-rows", type=int, default=256,
+  p.add_argument("--store-chunk-rows", type=flags.positive_int, default=256,
                  help="rows per store chunk, the unit of resumption (default: %(default)s)")
   flags.quiet(p)
   p.set_defaults(func=cmd_featurize)
@@ -64,8 +68,8 @@ def add_parsers(sub) -> None:
   p.add_argument("--train-store", required=True, help="feature store of the training set")
   p.add_argument("--query-store", required=True, help="feature store of the queries")
   p.add_argument("--method", choices=SCORE_METHODS, default="trak", help="default: %(default)s")
-  p.add_argument("--damping", type=float, help="TRAK: explicit lambda >= 0")
-  p.add_argument("--relative-damping", type=float, default=1e-3,
+  p.add_argument("--damping", type=flags.nonneg_float, help="TRAK: explicit lambda >= 0")
+  p.add_argument("--relative-damping", type=flags.nonneg_float, default=1e-3,
                  help="TRAK: lambda = c * tr(Phi^T Phi)/k when --damping is not given "
                       "(default: %(default)s)")
   p.add_argument("--out", required=True, help="output .npz")

@@ -1,12 +1,64 @@
-"""Flags shared by several ``jattr`` subcommands, defined once."""
+"""Flags shared by several ``jattr`` subcommands, defined once, and the value types
+every numeric flag is parsed with (``positive_int``, ``finite_float``, …): a bad
+value (``--num-train 0``, ``--lr nan``) exits with status 2 and one line naming the
+flag, before the command starts."""
 
 from __future__ import annotations
 
 import argparse
+import math
 
 from jattr.runs import QUERIES
 
 DEFAULT_RUN = "runs/digits"
+
+
+def _integer(text: str, low: int | None) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+  if low is not None and value < low:
+    raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+  return value
+
+
+def _number(text: str, low: float | None, strict: bool = False) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+  if low is not None and (value <= low if strict else value < low):
+    raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {low:g}, "
+                                     f"got {text!r}")
+  return value
+
+
+def positive_int(text: str) -> int:
+  """An argparse type: an integer >= 1."""
+  return _integer(text, 1)
+
+
+def nonneg_int(text: str) -> int:
+  """An argparse type: an integer >= 0."""
+  return _integer(text, 0)
+
+
+def finite_float(text: str) -> float:
+  """An argparse type: a finite number."""
+  return _number(text, None)
+
+
+def nonneg_float(text: str) -> float:
+  """An argparse type: a finite number >= 0."""
+  return _number(text, 0.0)
+
+
+def positive_float(text: str) -> float:
+  """An argparse type: a finite number > 0."""
+  return _number(text, 0.0, strict=True)
 
 
 def run_dir(p: argparse.ArgumentParser, name: str = "--run") -> None:
@@ -31,7 +83,7 @@ def draws(p: argparse.ArgumentParser, *, defaults: bool = True) -> None:
   With ``defaults=False`` they default to None (filled from elsewhere, e.g. a
   ``--like`` store).
   """
-  p.add_argument("--num-draws", type=int, default=10 if defaults else None,
+  p.add_argument("--num-draws", type=positive_int, default=10 if defaults else None,
                  help="K fixed (t, eps) draws (default: 10)")
   p.add_argument("--timesteps", choices=("uniform", "random"),
                  default="uniform" if defaults else None,
@@ -46,15 +98,16 @@ def run_config(p: argparse.ArgumentParser, default_out: str = DEFAULT_RUN) -> No
   p.add_argument("--config", help="JSON RunConfig file; flags below override it")
   p.add_argument("--dataset", help="digits | fashion_mnist | cifar2 | olivetti")
   p.add_argument("--data-dir", help="folder of the real datasets (default: $JATTR_DATA)")
-  p.add_argument("--num-train", type=int, help="train on a seeded random subset of this size")
-  p.add_argument("--image-size", type=int, help="resize images to this square size")
+  p.add_argument("--num-train", type=positive_int,
+                 help="train on a seeded random subset of this size")
+  p.add_argument("--image-size", type=positive_int, help="resize images to this square size")
   p.add_argument("--model", help="UNet preset: digits | fashion_mnist | cifar | cifar_30m")
-  p.add_argument("--steps", type=int, help="optimizer steps")
-  p.add_argument("--batch-size", type=int)
-  p.add_argument("--lr", type=float, help="learning rate")
-  p.add_argument("--timesteps", type=int, help="diffusion steps T")
+  p.add_argument("--steps", type=positive_int, help="optimizer steps")
+  p.add_argument("--batch-size", type=positive_int)
+  p.add_argument("--lr", type=positive_float, help="learning rate")
+  p.add_argument("--timesteps", type=positive_int, help="diffusion steps T")
   p.add_argument("--seed", type=int, help="model seed")
-  p.add_argument("--num-samples", type=int)
+  p.add_argument("--num-samples", type=positive_int)
   p.add_argument("--sampler", choices=["ddpm", "ddim"])
   quiet(p)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from jattr.cli import flags
 from jattr.methods.mucs import MUCS_VARIANTS
@@ -17,6 +18,11 @@ CONFIG_FLAGS = {"steps": "num_steps", "lr": "learning_rate", "optimizer": "optim
 
 
 def cmd_mucs(args):
+  if args.trainable is not None:
+    try:
+      re.compile(args.trainable)
+    except re.error as e:
+      raise ValueError(f"--trainable {args.trainable!r} is not a regular expression: {e}") from None
   tau, info = mucs_run(
       args.run, args.out, variant=args.variant, queries=args.queries,
       queries_file=args.queries_file, num_queries=args.num_queries,
@@ -43,22 +49,27 @@ def add_parsers(sub) -> None:
   flags.queries(p, "samples")
   p.add_argument("--queries-file", help=".npz whose array 'x' [Q, H, W, C] holds the queries "
                                         "(overrides --queries)")
-  p.add_argument("--num-queries", type=int, help="use only the first Q queries")
+  p.add_argument("--num-queries", type=flags.positive_int, help="use only the first Q queries")
   p.add_argument("--variant", choices=MUCS_VARIANTS, default="mucs", help="default: %(default)s")
-  p.add_argument("--steps", type=int, help="step budget per query")
-  p.add_argument("--lr", type=float, help="learning rate")
+  p.add_argument("--steps", type=flags.positive_int, help="step budget per query")
+  p.add_argument("--lr", type=flags.positive_float, help="learning rate")
   p.add_argument("--optimizer", choices=["adam", "sgd"])
-  p.add_argument("--forget-weight", type=float, help="lambda")
-  p.add_argument("--retain-weight", type=float)
-  p.add_argument("--retain-batch", type=int, help="training examples per retain batch")
-  p.add_argument("--stop-ratio", type=float, help="stop once L_forget >= ratio * L_null")
-  p.add_argument("--ewc-weight", type=float, help="gamma of the EWC penalty (baseline)")
+  p.add_argument("--forget-weight", type=flags.nonneg_float, help="lambda")
+  p.add_argument("--retain-weight", type=flags.nonneg_float)
+  p.add_argument("--retain-batch", type=flags.positive_int,
+                 help="training examples per retain batch")
+  p.add_argument("--stop-ratio", type=flags.positive_float,
+                 help="stop once L_forget >= ratio * L_null")
+  p.add_argument("--ewc-weight", type=flags.nonneg_float,
+                 help="gamma of the EWC penalty (baseline)")
   p.add_argument("--trainable", help="regex on parameter paths that may move (default: all)")
   flags.draws(p)
-  p.add_argument("--null-models", type=int, default=4,
+  p.add_argument("--null-models", type=flags.positive_int, default=4,
                  help="freshly initialised models averaged for L_null (default: %(default)s)")
   p.add_argument("--seed", type=int, default=0, help="seed of the retain batches and L_null")
-  p.add_argument("--skew-constant", type=float, default=1e-6)
-  p.add_argument("--query-chunk", type=int, default=8, help="queries unlearned at once (vmap)")
-  p.add_argument("--train-chunk", type=int, default=64, help="training examples per chunk")
+  p.add_argument("--skew-constant", type=flags.positive_float, default=1e-6)
+  p.add_argument("--query-chunk", type=flags.positive_int, default=8,
+                 help="queries unlearned at once (vmap)")
+  p.add_argument("--train-chunk", type=flags.positive_int, default=64,
+                 help="training examples per chunk")
   p.set_defaults(func=cmd_mucs)

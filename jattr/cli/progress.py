@@ -21,9 +21,9 @@ class TqdmProgress:
     if bar is None:
       bar = self._bars[desc] = tqdm(total=total, desc=desc, **self._kwargs)
     bar.total = total
+    if metrics:  # shown with the update below, not as a refresh of its own
+      bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
     bar.update(done - bar.n)
-    if metrics:
-      bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
     if done >= total:
       bar.close()
       del self._bars[desc]

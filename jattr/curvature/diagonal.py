@@ -25,6 +25,7 @@ from jattr.curvature.ggn import (DEFAULT_ESTIMATION_MODE, EstimationMode, accumu
 from jattr.curvature.kfac import DEFAULT_DAMPING_FACTOR
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.schedules import Schedule
+from jattr.progress import Progress
 from jattr.types import ApplyFn, Parameterization, Params
 
 
@@ -38,7 +39,8 @@ def fit_diagonal(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draw
                  estimation_mode: EstimationMode = DEFAULT_ESTIMATION_MODE,
                  key: jax.Array | None = None, num_samples: int = 1, batch_size: int | None = None,
                  chunk_size: int | None = None,
-                 parameterization: Parameterization = "eps") -> DiagonalState:
+                 parameterization: Parameterization = "eps",
+                 progress: Progress | None = None) -> DiagonalState:
   """diag(G) = 1/(N K) Σ_r γ_r², accumulated ``batch_size`` examples at a time.
 
   Args:
@@ -50,6 +52,8 @@ def fit_diagonal(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draw
     key, num_samples: of the sampled modes.
     batch_size: examples per pass; chunk_size: rows per ``vmap``.
     parameterization: only ``"fisher_empirical"`` uses it.
+    progress: called after each batch with examples done, stage ``"diagonal"``
+      (``jattr.progress``).
 
   Returns:
     A ``DiagonalState``.
@@ -58,7 +62,7 @@ def fit_diagonal(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draw
       lambda rows, _: jax.tree.map(lambda g: jnp.sum(jnp.square(g), axis=0), rows), None,
       apply_fn, params, schedule, x0, draws, estimation_mode=estimation_mode, key=key,
       num_samples=num_samples, batch_size=batch_size, chunk_size=chunk_size,
-      parameterization=parameterization)
+      parameterization=parameterization, progress=progress, desc="diagonal")
   return DiagonalState(diag)
 
 

@@ -42,6 +42,7 @@ from jattr.curvature.kfac import (DEFAULT_DAMPING_FACTOR, DiagBlock, KfacState, 
                                   from_block_matrix, to_block_matrix)
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.schedules import Schedule
+from jattr.progress import Progress
 from jattr.types import ApplyFn, Parameterization, Params
 
 
@@ -79,7 +80,8 @@ def fit_ekfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
               estimation_mode: EstimationMode = DEFAULT_ESTIMATION_MODE,
               key: jax.Array | None = None, num_samples: int = 1,
               batch_size: int | None = None, chunk_size: int | None = None,
-              parameterization: Parameterization = "eps") -> EkfacState:
+              parameterization: Parameterization = "eps",
+              progress: Progress | None = None) -> EkfacState:
   """Refits K-FAC's eigenvalues to the second moments of the GGN rows.
 
   Args:
@@ -93,6 +95,8 @@ def fit_ekfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
     batch_size: examples per pass (memory: batch_size·K·rows·P).
     chunk_size: rows per ``vmap`` inside a pass.
     parameterization: only ``"fisher_empirical"`` uses it.
+    progress: called after each batch with examples done, stage ``"ekfac"``
+      (``jattr.progress``).
 
   Returns:
     An ``EkfacState``.
@@ -120,7 +124,7 @@ def fit_ekfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
   stats = accumulate_sqrt_grads(
       reduce_fn, bases, apply_fn, params, schedule, x0, draws, estimation_mode=estimation_mode,
       key=key, num_samples=num_samples, batch_size=batch_size, chunk_size=chunk_size,
-      parameterization=parameterization)
+      parameterization=parameterization, progress=progress, desc="ekfac")
   blocks = tuple(
       EkfacBlock(basis[0], basis[1], s) if lay.kind == "kronecker" else DiagBlock(tuple(s))
       for lay, basis, s in zip(layout, bases, stats))

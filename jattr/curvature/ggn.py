@@ -29,6 +29,8 @@ row per output coordinate o) or in expectation (u_r random, one row per sample).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Callable, Literal
 
@@ -40,7 +42,9 @@ from jattr import host_memory
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.losses import per_example_loss, target
 from jattr.diffusion.schedules import Schedule, q_sample
-from jattr.grads.per_example import per_example_grads, to_chunks
+from jattr.grads.per_example import apply_chunks, in_trace, sum_chunks, to_chunks
+from jattr.progress import Progress
+from jattr.progress import resolve as resolve_progress
 from jattr.types import ApplyFn, Parameterization, Params
 
 EstimationMode = Literal["ggn_exact", "ggn_curvature_prop", "fisher_gradients",
@@ -147,7 +151,11 @@ def ggn_matvec(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws:
     draws: the K fixed (t, ε) draws.
     v: a vector, a pytree shaped like ``params``.
     chunk_size: examples per jvp/vjp (each with all K draws); ``None`` takes all N
-      at once. The last chunk is padded and masked (``jattr.grads.to_chunks``).
+      at once. Called eagerly, the chunks run from a host loop over one compiled
+      chunk program that adds into a donated running sum (``jattr.grads.sum_chunks``;
+      the last chunk shifted back and masked), reused by later calls with the same
+      apply_fn and shapes; under ``jit`` they run in a ``lax.scan`` (the last chunk
+      padded and masked, ``jattr.grads.to_chunks``).
 
   Returns:
     G v, shaped like ``params``.
@@ -161,6 +169,10 @@ def ggn_matvec(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws:
   chunk = n if chunk_size is None else int(chunk_size)
   if chunk < 1:
     raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+  if not in_trace(params, x0, v, draws):
+    scale = jnp.asarray(2.0 / (dim * n * k), x0.dtype)
+    return sum_chunks(_GgnChunk(apply_fn, schedule), (params, v, draws, scale), x0,
+                      chunk_size=chunk)
   xs, mask = to_chunks(x0, chunk)
   mask = mask.astype(x0.dtype)
 
@@ -178,6 +190,25 @@ def ggn_matvec(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws:
   return scan(jax.tree.map(jnp.zeros_like, params), xs, mask)
 
 
+@dataclasses.dataclass(frozen=True)
+class _GgnChunk:
+  """The chunk kernel of ``ggn_matvec``: scale · Σ_{i in chunk, k} J_ikᵀ J_ik v, the rows
+  outside ``mask`` left out."""
+
+  apply_fn: ApplyFn
+  schedule: Schedule
+
+  def __call__(self, args, xc, mask):
+    params, v, draws, scale = args
+    xb, tb, eb = example_draw_pairs(xc, draws)
+    f = lambda p: _outputs(self.apply_fn, p, self.schedule, xb, tb, eb)  # noqa: E731
+    out, jv = jax.jvp(f, (params,), (v,))
+    weight = jnp.repeat(mask.astype(out.dtype), draws.num_draws)
+    _, vjp = jax.vjp(f, params)
+    (gv,) = vjp(jv * (scale * weight).reshape((-1,) + (1,) * (out.ndim - 1)))
+    return gv
+
+
 def ggn_sqrt_grads(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws, *,
                    estimation_mode: EstimationMode = DEFAULT_ESTIMATION_MODE,
                    key: jax.Array | None = None, num_samples: int = 1,
@@ -191,8 +222,9 @@ def ggn_sqrt_grads(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, dr
   instead). Call it on chunks of the training set and sum: this is the
   per-example-gradient input of EK-FAC and the diagonal approximations.
 
-  Each row is a per-example gradient of the scalar uᵀ f(θ), computed with
-  ``jattr.grads.per_example.per_example_grads``.
+  Each row is a per-example gradient of the scalar uᵀ f(θ), ``chunk_size`` rows per
+  ``vmap``: from a host loop over one compiled chunk program when called eagerly
+  (``jattr.grads.loop_chunks``), with ``lax.map`` under ``jit``.
 
   Args:
     apply_fn, params, schedule: as in ``ggn_matvec``.
@@ -202,7 +234,7 @@ def ggn_sqrt_grads(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, dr
     key: PRNG key, required by ``"ggn_curvature_prop"`` and ``"fisher_gradients"``.
     num_samples: S, rows per example-draw for the sampled modes.
     parameterization: needed by ``"fisher_empirical"`` (the target y).
-    chunk_size: passed to ``per_example_grads`` (rows per vmap).
+    chunk_size: rows per ``vmap``; ``None``: all rows at once.
     wrt: optional indices into ``jax.tree.leaves(params)``: rows of those leaves
       only (the gradient is taken with respect to them alone).
 
@@ -212,11 +244,27 @@ def ggn_sqrt_grads(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, dr
     (``"fisher_empirical"``); rows are example-major, then draw, then r.
   """
   check_estimation_mode(estimation_mode)
+  _check_sampling(estimation_mode, key, num_samples)
+  rows = _sqrt_rows(params, x0, draws, key, apply_fn=apply_fn, schedule=schedule,
+                    estimation_mode=estimation_mode, num_samples=int(num_samples),
+                    parameterization=parameterization)
+  return apply_chunks(_SqrtGradRows(apply_fn, schedule, wrt), params, rows,
+                      chunk_size=chunk_size, desc="GGN rows")
+
+
+def _check_sampling(estimation_mode, key, num_samples) -> None:
   if estimation_mode in ("ggn_curvature_prop", "fisher_gradients"):
     if key is None:
       raise ValueError(f"estimation_mode={estimation_mode!r} samples and needs a key, got None")
     if int(num_samples) < 1:
       raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "schedule", "estimation_mode",
+                                             "num_samples", "parameterization"))
+def _sqrt_rows(params, x0, draws, key, *, apply_fn, schedule, estimation_mode, num_samples,
+               parameterization):
+  """The inputs of the rows γ_r = J_ikᵀ u_r: (x0, t, eps, u) per row, example-major."""
   xb, tb, eb = example_draw_pairs(x0, draws)
   pairs = xb.shape[0]
   dim = math.prod(x0.shape[1:])
@@ -235,30 +283,52 @@ def ggn_sqrt_grads(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, dr
       r = jax.random.normal(key, shape, dtype=dtype)
     u = jnp.sqrt(2.0 / (dim * num_samples)) * r
   per_pair = u.shape[1]
-  rows = (jnp.repeat(xb, per_pair, axis=0), jnp.repeat(tb, per_pair),
+  return (jnp.repeat(xb, per_pair, axis=0), jnp.repeat(tb, per_pair),
           jnp.repeat(eb, per_pair, axis=0), u.reshape(pairs * per_pair, dim))
 
-  def projected_output(p, row):
+
+@dataclasses.dataclass(frozen=True)
+class _SqrtGradRows:
+  """The chunk kernel of ``ggn_sqrt_grads``: γ_r = ∇_θ u_rᵀ f(θ; row r) for a chunk of rows
+  (with respect to the ``wrt`` leaves only, if given)."""
+
+  apply_fn: ApplyFn
+  schedule: Schedule
+  wrt: tuple[int, ...] | None = None
+
+  def projected_output(self, p, row):
     x0_r, t_r, eps_r, u_r = row
-    out = _outputs(apply_fn, p, schedule, x0_r[None], t_r[None], eps_r[None])
+    out = _outputs(self.apply_fn, p, self.schedule, x0_r[None], t_r[None], eps_r[None])
     return jnp.vdot(u_r, out.reshape(-1))
 
-  def grads(p, rows):
-    if wrt is None:
-      return per_example_grads(projected_output, p, rows, chunk_size=chunk_size)
+  def __call__(self, p, rows):
+    if self.wrt is None:
+      return jax.vmap(jax.grad(self.projected_output), in_axes=(None, 0))(p, rows)
     leaves, treedef = jax.tree.flatten(p)
 
     def sub_output(sub, row):
       full = list(leaves)
-      for i, x in zip(wrt, sub):
+      for i, x in zip(self.wrt, sub):
         full[i] = x
-      return projected_output(jax.tree.unflatten(treedef, full), row)
+      return self.projected_output(jax.tree.unflatten(treedef, full), row)
 
-    return per_example_grads(sub_output, tuple(leaves[i] for i in wrt), rows,
-                             chunk_size=chunk_size)
+    return jax.vmap(jax.grad(sub_output), in_axes=(None, 0))(
+        tuple(leaves[i] for i in self.wrt), rows)
 
-  # jit even when called eagerly: op-by-op vmap(grad) is several times slower.
-  return jax.jit(grads)(params, rows)
+
+@dataclasses.dataclass(frozen=True)
+class _ReducedSqrtGrads:
+  """The chunk kernel of ``accumulate_sqrt_grads``: reduce_fn of a chunk's rows, the
+  rows the previous chunk counted zeroed (u_r = 0 gives γ_r = 0)."""
+
+  rows_fn: _SqrtGradRows
+  reduce_fn: Callable
+
+  def __call__(self, args, rows, mask):
+    p, aux = args
+    x0_r, t_r, eps_r, u_r = rows
+    rows = (x0_r, t_r, eps_r, u_r * mask[:, None].astype(u_r.dtype))
+    return self.reduce_fn(self.rows_fn(p, rows), aux)
 
 
 def accumulate_sqrt_grads(reduce_fn: Callable, aux, apply_fn: ApplyFn, params: Params,
@@ -267,25 +337,36 @@ def accumulate_sqrt_grads(reduce_fn: Callable, aux, apply_fn: ApplyFn, params: P
                           key: jax.Array | None = None, num_samples: int = 1,
                           batch_size: int | None = None, chunk_size: int | None = None,
                           parameterization: Parameterization = "eps",
-                          wrt: tuple[int, ...] | None = None):
+                          wrt: tuple[int, ...] | None = None,
+                          progress: Progress | None = None, desc: str = "GGN statistics"):
   """1/(N K) Σ_r reduce_fn(rows, aux) over the ``ggn_sqrt_grads`` rows of all of x0.
 
   The statistic-gathering pass of EK-FAC and of the diagonal approximations:
   ``batch_size`` examples at a time (each with all K draws) are turned into
   rows γ_r and reduced by ``reduce_fn(rows, aux) -> pytree`` (a sum over rows,
-  e.g. Σ_r γ_r² for the GGN diagonal), then summed over batches. Memory is that of
-  one batch's rows. ``aux`` (e.g. eigenbases) is passed to the jitted reduction as
-  an argument, not baked in as a constant.
+  e.g. Σ_r γ_r² for the GGN diagonal), then summed over batches. ``aux`` (e.g.
+  eigenbases) is passed to the jitted reduction as an argument, not baked in as a
+  constant.
+
+  With ``chunk_size`` the rows of a batch are made and reduced ``chunk_size`` at a
+  time by ``jattr.grads.sum_chunks`` (a host loop over one compiled chunk program,
+  the running sum donated from chunk to chunk): memory is one chunk's rows
+  (chunk_size × P), not the batch's. ``reduce_fn`` must then give 0 for an all-zero
+  row (the rows of a shifted last chunk that were already counted are zeroed),
+  as any sum of squares does. Without ``chunk_size``, one program per batch.
 
   Args:
     reduce_fn: ``reduce_fn(rows, aux)`` summing over the leading (row) axis.
     aux: any pytree of arrays ``reduce_fn`` needs.
     apply_fn, params, schedule, draws, estimation_mode, num_samples,
-      parameterization, chunk_size, wrt: as in ``ggn_sqrt_grads``.
+      parameterization, wrt: as in ``ggn_sqrt_grads``.
     x0: training images [N, H, W, C].
     key: PRNG key of the sampled modes (``None``: a fixed key 0); batch b uses
       ``fold_in(key, b)``.
     batch_size: examples per pass; ``None`` takes all N at once.
+    chunk_size: rows per ``vmap`` inside a pass (see above); ``None``: all of them.
+    progress: called after each batch with examples done (``jattr.progress``).
+    desc: the stage name passed to ``progress``.
 
   Returns:
     The pytree 1/(N K) Σ_r reduce_fn(γ_r), summed over all rows of all batches.
@@ -296,19 +377,31 @@ def accumulate_sqrt_grads(reduce_fn: Callable, aux, apply_fn: ApplyFn, params: P
   batch = n if batch_size is None else int(batch_size)
   if batch < 1:
     raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+  if chunk_size is not None and int(chunk_size) < 1:
+    raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
   key = jax.random.PRNGKey(0) if key is None else key
+  _check_sampling(estimation_mode, key, num_samples)
+  report = resolve_progress(progress)
+  options = dict(apply_fn=apply_fn, schedule=schedule, estimation_mode=estimation_mode,
+                 num_samples=int(num_samples), parameterization=parameterization)
+  kernel = _ReducedSqrtGrads(_SqrtGradRows(apply_fn, schedule, wrt), reduce_fn)
 
   @jax.jit
   def one_batch(p, aux, xb, rng):
-    rows = ggn_sqrt_grads(apply_fn, p, schedule, xb, draws, estimation_mode=estimation_mode,
-                          key=rng, num_samples=num_samples, parameterization=parameterization,
-                          chunk_size=chunk_size, wrt=wrt)
-    return reduce_fn(rows, aux)
+    rows = _sqrt_rows(p, xb, draws, rng, **options)
+    return reduce_fn(kernel.rows_fn(p, rows), aux)
 
   total = None
   for b, start in enumerate(range(0, n, batch)):
-    part = one_batch(params, aux, x0[start:start + batch], jax.random.fold_in(key, b))
-    total = part if total is None else jax.tree.map(jnp.add, total, part)
+    xb, rng = x0[start:start + batch], jax.random.fold_in(key, b)
+    if chunk_size is None:
+      part = one_batch(params, aux, xb, rng)
+      total = part if total is None else jax.tree.map(jnp.add, total, part)
+    else:
+      rows = _sqrt_rows(params, xb, draws, rng, **options)
+      total = sum_chunks(kernel, (params, aux), rows, chunk_size=int(chunk_size), init=total)
+      del rows
     jax.block_until_ready(total)  # bounded memory: no queue of in-flight batches
     host_memory.release_free_memory()  # and no freed batches kept by the allocator
+    report(desc, min(start + batch, n), n)
   return jax.tree.map(lambda s: s / (n * draws.num_draws), total)

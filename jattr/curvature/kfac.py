@@ -74,6 +74,8 @@ from jattr.curvature.ggn import (DEFAULT_ESTIMATION_MODE, EstimationMode,
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.losses import target
 from jattr.diffusion.schedules import Schedule, q_sample
+from jattr.progress import Progress
+from jattr.progress import resolve as resolve_progress
 from jattr.types import ApplyFn, Parameterization, Params
 
 WEIGHT_SHARING = ("expand", "reduce")
@@ -203,7 +205,8 @@ def fit_kfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: D
              estimation_mode: EstimationMode = DEFAULT_ESTIMATION_MODE,
              key: jax.Array | None = None, num_samples: int = 1, batch_size: int | None = None,
              parameterization: Parameterization = "eps",
-             generic_diagonal: str = "per_example") -> KfacState:
+             generic_diagonal: str = "per_example",
+             progress: Progress | None = None) -> KfacState:
   """Accumulates the K-FAC factors of G over all N examples × K draws.
 
   Args:
@@ -235,6 +238,9 @@ def fit_kfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: D
       ``"per_example"`` (default) recomputes their diagonal from per-example GGN
       rows with respect to those leaves only (one more pass over the data, only
       if such parameters exist); ``"kfac_jax"`` keeps kfac-jax's value.
+    progress: called after each kfac-jax update with examples done, stage
+      ``"kfac"``, and after each batch of that extra pass, stage
+      ``"kfac generic diagonal"`` (``jattr.progress``).
 
   Returns:
     A ``KfacState``.
@@ -288,6 +294,7 @@ def fit_kfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: D
   state = estimator.init(key, (params, first), exact_powers_to_cache=None,
                          approx_powers_to_cache=None)
   step = jax.jit(step)
+  report = resolve_progress(progress)
   for c, start in enumerate(range(0, n, batch)):
     pairs = first if start == 0 else example_draw_pairs(x0[start:start + batch], draws)
     state = step(state, params, pairs, jax.random.fold_in(key, c))
@@ -296,6 +303,7 @@ def fit_kfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: D
     # 30M-parameter UNet grew with the number of updates (jattr/host_memory.py).
     jax.block_until_ready(state)
     host_memory.release_free_memory()
+    report("kfac", min(start + batch, n), n)
 
   blocks = []
   for block, bstate in zip(estimator.blocks, state.blocks_states):
@@ -322,7 +330,8 @@ def fit_kfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: D
         lambda rows, _: tuple(jnp.sum(jnp.square(r), axis=0) for r in rows), None, apply_fn,
         params, schedule, x0, draws, estimation_mode=estimation_mode,
         key=jax.random.fold_in(key, 2**31 - 1), num_samples=num_samples, batch_size=batch_size,
-        parameterization=parameterization, wrt=wrt)
+        parameterization=parameterization, wrt=wrt, progress=progress,
+        desc="kfac generic diagonal")
     by_leaf = dict(zip(wrt, diag))
     for j in generic:
       blocks[j] = DiagBlock(tuple(by_leaf[i] for i in layout[j].leaf_indices))

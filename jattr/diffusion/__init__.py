@@ -1,5 +1,8 @@
 """Diffusion building blocks: schedules, losses, fixed draws, samplers."""
 
+from jattr.diffusion.checks import check_finite_params
+from jattr.diffusion.checks import check_image_range
+from jattr.diffusion.checks import check_timesteps
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.draws import fixed_draws
 from jattr.diffusion.draws import uniform_timesteps

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jattr.diffusion.checks import check_float_images, check_timesteps
 from jattr.diffusion.schedules import Schedule, gather, q_sample
 from jattr.types import ApplyFn, Parameterization, Params
 
@@ -65,8 +66,8 @@ def per_example_loss(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, 
     apply_fn: ``apply_fn(params, x_t [B,H,W,C], t [B]) -> [B,H,W,C]``.
     params: the model parameters (any pytree).
     schedule: the noise schedule.
-    x0: clean images [B, H, W, C].
-    t: integer timesteps [B] in [0, T).
+    x0: clean images [B, H, W, C], floating point (ValueError otherwise).
+    t: integer timesteps [B] in [0, T) (checked when concrete: ValueError).
     eps: noise [B, H, W, C].
     parameterization: how the network output is read (``"eps"``, ``"x0"``, ``"v"``).
 
@@ -77,6 +78,8 @@ def per_example_loss(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, 
     raise ValueError(f"x0 and eps must have the same shape, got {x0.shape} and {eps.shape}")
   if t.shape != x0.shape[:1]:
     raise ValueError(f"t must have shape [B]={x0.shape[:1]}, got {t.shape}")
+  check_float_images(x0, "x0")
+  check_timesteps(t, schedule.num_timesteps, "t")
   x_t = q_sample(schedule, x0, t, eps)
   out = apply_fn(params, x_t, t)
   err = out - target(schedule, x0, t, eps, parameterization)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattr.diffusion.checks import check_finite_params
 from jattr.diffusion.losses import to_eps_x0
 from jattr.diffusion.schedules import Schedule
 from jattr.types import ApplyFn, Parameterization, Params
@@ -91,7 +92,11 @@ def ddpm_sample(apply_fn: ApplyFn, params: Params, schedule: Schedule, key: jax.
 
   Returns:
     Samples [B, H, W, C], or a ``Trajectory`` with S = T steps.
+
+  Raises:
+    ValueError: when (concrete) ``params`` hold NaN or inf: a diverged model.
   """
+  check_finite_params(params)
   ab, abp = schedule.alphas_bar, schedule.alphas_bar_prev
   c_x0 = np.sqrt(abp) * schedule.betas / (1.0 - ab)
   c_xt = np.sqrt(schedule.alphas) * (1.0 - abp) / (1.0 - ab)
@@ -123,6 +128,7 @@ def ddim_sample(apply_fn: ApplyFn, params: Params, schedule: Schedule, key: jax.
   With ``eta = 0`` the map from x_T to x₀ is deterministic; ``eta = 1`` recovers
   DDPM-like stochasticity on the sub-sequence. Arguments as in ``ddpm_sample``.
   """
+  check_finite_params(params)
   ts = ddim_timesteps(schedule.num_timesteps, num_steps)
   ab = schedule.alphas_bar
   prev = np.concatenate([ts[1:], [-1]])

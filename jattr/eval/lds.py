@@ -151,6 +151,12 @@ class LdsResult(NamedTuple):
             "confidence": self.confidence, "num_queries": int(self.per_query.shape[0]),
             "per_query": [float(v) for v in self.per_query]}
 
+  @classmethod
+  def from_dict(cls, d: dict) -> "LdsResult":
+    """Inverse of ``to_dict`` (results records are JSON)."""
+    return cls(np.asarray(d["per_query"], np.float64), float(d["mean"]), float(d["ci_low"]),
+               float(d["ci_high"]), float(d["confidence"]))
+
   def __str__(self) -> str:
     return f"{self.mean:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}]"
 

@@ -8,6 +8,8 @@ models differ only through their parameters (``jattr.eval.lds``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +17,34 @@ import numpy as np
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.losses import per_example_loss
 from jattr.diffusion.schedules import Schedule
-from jattr.grads.per_example import to_chunks
+from jattr.grads.per_example import apply_chunks, in_trace, loop_chunks
 from jattr.types import ApplyFn, Parameterization, Params
+
+
+@dataclasses.dataclass(frozen=True)
+class _QueryLoss:
+  """The chunk kernel of ``measure_loss``: mean loss over the K draws of each query.
+
+  ``args`` = (params, t [K], eps [K, ...]), or (stacked params, m, t, eps) with
+  ``member=True`` (model m of a stack, indexed inside the program)."""
+
+  apply_fn: ApplyFn
+  schedule: Schedule
+  parameterization: str
+  member: bool = False
+
+  def __call__(self, args, x):  # x [c, H, W, C]
+    if self.member:
+      stacked, m, t, eps = args
+      params = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, m, keepdims=False),
+                            stacked)
+    else:
+      params, t, eps = args
+    c, k = x.shape[0], t.shape[0]
+    x0 = jnp.repeat(x, k, axis=0)
+    loss = per_example_loss(self.apply_fn, params, self.schedule, x0, jnp.tile(t, c),
+                            jnp.tile(eps, (c,) + (1,) * (eps.ndim - 1)), self.parameterization)
+    return loss.reshape(c, k).mean(axis=1)
 
 
 def measure_loss(apply_fn: ApplyFn, params: Params, schedule: Schedule, images, draws: Draws,
@@ -32,6 +60,9 @@ def measure_loss(apply_fn: ApplyFn, params: Params, schedule: Schedule, images, 
       every model sees the same ones.
     parameterization: how the network output is read.
     query_chunk: queries per network call (a call sees query_chunk·K images).
+      Called eagerly, the chunks run from a host loop over one compiled chunk
+      program; under ``jit``/``lax.map`` (``member_measure_fn``'s traced path) with
+      ``lax.map``. The same y either way.
 
   Returns:
     [Q] mean losses.
@@ -40,36 +71,47 @@ def measure_loss(apply_fn: ApplyFn, params: Params, schedule: Schedule, images, 
   if images.ndim != 4 or images.shape[1:] != draws.eps.shape[1:]:
     raise ValueError(f"images must be [Q, *{tuple(draws.eps.shape[1:])}] (the draws' image "
                      f"shape), got {images.shape}")
-  q, k = images.shape[0], draws.num_draws
-  eps = draws.eps.astype(images.dtype)
-
-  def one_chunk(x):  # x [c, H, W, C]
-    c = x.shape[0]
-    x0 = jnp.repeat(x, k, axis=0)
-    t = jnp.tile(draws.t, c)
-    e = jnp.tile(eps, (c,) + (1,) * (eps.ndim - 1))
-    loss = per_example_loss(apply_fn, params, schedule, x0, t, e, parameterization)
-    return loss.reshape(c, k).mean(axis=1)
-
-  chunks, _ = to_chunks(images, max(1, min(query_chunk, q)))
-  return jax.lax.map(one_chunk, chunks).reshape(-1)[:q]
+  kernel = _QueryLoss(apply_fn, schedule, parameterization)
+  args = (params, draws.t, draws.eps.astype(images.dtype))
+  return apply_chunks(kernel, args, images, chunk_size=max(1, int(query_chunk)))
 
 
 def member_measure_fn(apply_fn: ApplyFn, schedule: Schedule, draws: Draws, *,
                       parameterization: Parameterization = "eps", query_chunk: int = 64):
-  """A compiled ``fn(stacked_params, images) -> y [Q, M]`` for models stacked on axis 0.
+  """``fn(stacked_params, images) -> y [Q, M]`` for models stacked on axis 0.
 
-  The models run one after another (``lax.map``) inside one program; build the
-  function once and call it for every batch of models of the same shape, so that
-  it compiles once.
+  Called eagerly, ``fn`` runs a host loop over (model, query chunk) pairs, all
+  through ONE compiled program that picks model m and chunk s inside it (both are
+  traced arguments), so the models run one after another at the speed of single
+  calls. Under a transformation (``fn`` inside a caller's ``jit``) the models run
+  with ``lax.map`` inside that program. Build ``fn`` once and call it for every
+  batch of models of the same shape, so that it compiles once.
   """
+  kernel = _QueryLoss(apply_fn, schedule, parameterization, member=True)
 
-  @jax.jit
-  def fn(stacked_params, images):
+  def traced(stacked_params, images):
     return jax.lax.map(
         lambda one: measure_loss(apply_fn, one, schedule, images, draws,
                                  parameterization=parameterization, query_chunk=query_chunk),
         stacked_params).T
+
+  def fn(stacked_params, images):
+    if in_trace(stacked_params, images):
+      return traced(stacked_params, images)
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != draws.eps.shape[1:]:
+      raise ValueError(f"images must be [Q, *{tuple(draws.eps.shape[1:])}] (the draws' "
+                       f"image shape), got {images.shape}")
+    stacked_params = jax.device_put(stacked_params)
+    sizes = {x.shape[0] for x in jax.tree.leaves(stacked_params)}
+    if len(sizes) != 1:
+      raise ValueError(f"stacked_params must share a leading model axis M, got {sorted(sizes)}")
+    num_models = sizes.pop()
+    t, eps = draws.t, draws.eps.astype(images.dtype)
+    columns = [loop_chunks(kernel, (stacked_params, jnp.int32(m), t, eps), images,
+                           chunk_size=max(1, int(query_chunk)))
+               for m in range(num_models)]
+    return jnp.stack(columns, axis=1)
 
   return fn
 

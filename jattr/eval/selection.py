@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from jattr.eval.lds import lds, lds_per_query, noise_ceiling
+from jattr.eval.lds import LdsResult, lds, lds_per_query, noise_ceiling
 
 VALIDATION = "validation"
 """The name of the only query split hyper-parameters may be selected on."""
@@ -83,6 +83,14 @@ class MethodReport:
             "validation_lds": self.validation_lds, "chosen": self.chosen,
             "results": {k: v.to_dict() for k, v in self.results.items()},
             "ceilings": {k: v.to_dict() for k, v in self.ceilings.items()}}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "MethodReport":
+    """Inverse of ``to_dict`` (results records are JSON)."""
+    return cls(method=d["method"], selected_on=d["selected_on"], grid=list(d["grid"]),
+               validation_lds=list(d["validation_lds"]), chosen=dict(d["chosen"]),
+               results={k: LdsResult.from_dict(v) for k, v in d["results"].items()},
+               ceilings={k: LdsResult.from_dict(v) for k, v in d["ceilings"].items()})
 
 
 def _image_digests(images) -> set:

@@ -14,9 +14,11 @@ N, of the chunking, and of the device. ``projection_matrix`` materialises it for
 tests and small problems.
 
 ``featurize`` fuses per-example gradients and projection chunk by chunk: only a
-chunk's gradients [chunk_size, P] exist at once, never the full [N, P]. The price
-is regenerating P once per chunk (P·k random numbers), so use chunks of at least a
-few dozen examples. Matmuls run at JAX's default precision; set
+chunk's gradients [chunk_size, P] exist at once, never the full [N, P]. Called
+eagerly, the chunks run from a host loop over one compiled chunk program
+(``jattr.grads.loop_chunks``), each at the speed of one unchunked call; inside a
+caller's ``jit`` they run with ``lax.map``. The price of chunking is regenerating P
+once per chunk (P·k random numbers), so use chunks of at least a few dozen examples. Matmuls run at JAX's default precision; set
 ``jax_default_matmul_precision`` to ``"highest"`` to exclude TF32 on GPUs (its
 ≈1e-3 relative error is far below the JL error ≈ 1/√k).
 """
@@ -30,7 +32,9 @@ from typing import Any, Callable, Literal
 import jax
 import jax.numpy as jnp
 
-from jattr.grads.per_example import ExampleFn, flatten_per_example, map_chunks
+from jattr.diffusion import checks as diffusion_checks
+from jattr.grads.per_example import ExampleFn, apply_chunks, flatten_per_example, in_trace
+from jattr.progress import Progress
 from jattr.types import Params
 
 PROJECTION_KINDS = ("gaussian", "rademacher")
@@ -155,21 +159,54 @@ def project_grads_fn(fn: ExampleFn, config: ProjectionConfig
   return features
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "config", "chunk_size"))
+def check_finite_params(params: Params) -> None:
+  """Raises ValueError naming ``params`` when a parameter is NaN or ±inf.
+
+  A diverged or wrongly loaded model otherwise gives NaN features and, much later,
+  NaN scores. One reduction on the device; skipped under a transformation (tracers
+  have no values).
+  """
+  if in_trace(params):
+    return
+  diffusion_checks.check_finite_params(
+      params, consequence="its gradient features would be NaN")
+
+
+@dataclasses.dataclass(frozen=True)
+class _FeatureRows:
+  """The chunk kernel of ``featurize`` (hashable: equal (fn, config) share a compile)."""
+
+  fn: ExampleFn
+  config: ProjectionConfig
+
+  def __call__(self, params, chunk):
+    return project_grads_fn(self.fn, self.config)(params, chunk)
+
+
 def featurize(fn: ExampleFn, params: Params, examples, config: ProjectionConfig, *,
-              chunk_size: int | None = None) -> jax.Array:
+              chunk_size: int | None = None, progress: Progress | None = None) -> jax.Array:
   """Projected per-example gradients Φ = [Pᵀ ∇_θ fn(θ; z_i)]_i, chunk by chunk.
+
+  Called eagerly with chunk_size < N, the chunks run from a host loop over one
+  compiled chunk program (``jattr.grads.loop_chunks``); inside a caller's ``jit`` they
+  run with ``lax.map`` (no progress, no parameter check). Both give the same Φ.
 
   Args:
     fn: ``fn(params, example) -> scalar``, for ONE example (e.g. a
-      ``jattr.diffusion.measurements.measurement_fn``).
+      ``jattr.diffusion.measurements.measurement_fn``); hashable (a ``jax.jit``
+      static argument: the same fn reuses its compiled program).
     params: θ.
     examples: pytree with leading axis N.
     config: the projection.
     chunk_size: examples whose gradients exist at once; ``None`` = all N.
+    progress: called after each chunk with examples done (``jattr.progress``).
 
   Returns:
     Φ, shape [N, k].
+
+  Raises:
+    ValueError: ``params`` hold NaN or inf (eager calls).
   """
-  features = project_grads_fn(fn, config)
-  return map_chunks(lambda ex: features(params, ex), examples, chunk_size=chunk_size)
+  check_finite_params(params)
+  return apply_chunks(_FeatureRows(fn, config), params, examples, chunk_size=chunk_size,
+                      progress=progress, desc="featurize")

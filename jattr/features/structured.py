@@ -48,7 +48,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import zlib
 from typing import Any, Callable, Literal, Union
@@ -56,10 +55,11 @@ from typing import Any, Callable, Literal, Union
 import jax
 import jax.numpy as jnp
 
-from jattr.features.projection import PROJECTION_KINDS, random_matrix
-from jattr.grads.per_example import map_chunks
+from jattr.features.projection import PROJECTION_KINDS, check_finite_params, random_matrix
+from jattr.grads.per_example import apply_chunks
 # plain_layer is re-exported: the docstring's contract names it as the ordinary layer.
 from jattr.layers import Conv, Dense, LayerFn, LayerSpec, apply_layer, plain_layer  # noqa: F401
+from jattr.progress import Progress
 from jattr.types import Params
 
 
@@ -198,20 +198,40 @@ def structured_features_fn(fn: StructuredFn, config: StructuredConfig
   return features
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "config", "chunk_size"))
+@dataclasses.dataclass(frozen=True)
+class _StructuredRows:
+  """The chunk kernel of ``structured_featurize`` (hashable)."""
+
+  fn: StructuredFn
+  config: StructuredConfig
+
+  def __call__(self, params, chunk):
+    return jax.vmap(structured_features_fn(self.fn, self.config), in_axes=(None, 0))(
+        params, chunk)
+
+
 def structured_featurize(fn: StructuredFn, params: Params, examples, config: StructuredConfig,
-                         *, chunk_size: int | None = None) -> jax.Array:
+                         *, chunk_size: int | None = None,
+                         progress: Progress | None = None) -> jax.Array:
   """Structured features for every example, ``vmap`` over chunks of ``chunk_size``.
 
+  Chunks run as in ``jattr.features.featurize``: a host loop over one compiled chunk
+  program when called eagerly, ``lax.map`` inside a caller's ``jit``.
+
   Args:
-    fn: ``fn(params, example, layer) -> scalar`` (module docstring's contract).
+    fn: ``fn(params, example, layer) -> scalar`` (module docstring's contract); hashable.
     params: θ.
     examples: pytree with leading axis N.
     config: the structured projection.
     chunk_size: examples processed at once; ``None`` = all N.
+    progress: called after each chunk with examples done (``jattr.progress``).
 
   Returns:
     Φ, shape [N, L · k_in · k_out] (L = number of layers; see ``structured_layout``).
+
+  Raises:
+    ValueError: ``params`` hold NaN or inf (eager calls).
   """
-  batch = jax.vmap(structured_features_fn(fn, config), in_axes=(None, 0))
-  return map_chunks(lambda ex: batch(params, ex), examples, chunk_size=chunk_size)
+  check_finite_params(params)
+  return apply_chunks(_StructuredRows(fn, config), params, examples, chunk_size=chunk_size,
+                      progress=progress, desc="structured featurize")

@@ -21,7 +21,8 @@ loaded state is bit-identical to the fitted one, never recomputed) and the layou
 rebuilt with the same tuples, so ``jax.tree.structure`` of the loaded state equals
 the fitted one's and jitted functions of it do not recompile.
 
-Crash safety: the sidecar is written last (temporary file, then ``os.replace``),
+One writer at a time: ``save_curvature`` holds the directory's
+``jattr.io.lock.DirectoryLock``. Crash safety: the sidecar is written last (temporary file, then ``os.replace``),
 so a directory with a sidecar always holds complete arrays; a directory without one
 is reported as incomplete.
 """
@@ -45,6 +46,7 @@ from jattr.curvature.inverse_vp import CURVATURE_KINDS, curvature_kind
 from jattr.curvature.kfac import BlockLayout, DiagBlock, KfacState, KronBlock
 from jattr.io import atomic
 from jattr.io.hashing import model_hash as hash_params
+from jattr.io.lock import DirectoryLock
 
 FORMAT = "jattr.curvature"
 VERSION = 1
@@ -156,6 +158,11 @@ def save_curvature(path: str | os.PathLike, state: Any, meta: dict, *,
   meta = atomic.to_json_types(
       {**meta, "kind": kind, "num_parameters": _num_parameters(state, kind)}, "meta")
   p = pathlib.Path(path).absolute()
+  with DirectoryLock(p, "curvature directory"):  # one writer at a time
+    return _save(p, state, kind, meta, overwrite)
+
+
+def _save(p: pathlib.Path, state: Any, kind: str, meta: dict, overwrite: bool) -> pathlib.Path:
   if curvature_exists(p):
     if not overwrite:
       raise FileExistsError(f"{p} already holds a curvature; choose another directory or "

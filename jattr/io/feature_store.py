@@ -8,7 +8,8 @@ once and scored many times. Layout of ``<store>/``::
                    zarr chunk per row chunk of ``chunk_rows`` rows; unwritten rows
                    read as NaN (the fill value)
     store.json     the sidecar: format, version, num_rows, dim, chunk_rows, dtype,
-                   the ``config`` that produced the features, and ``complete_chunks``
+                   the ``config`` that produced the features, ``complete_chunks`` and
+                   ``chunk_sha256`` (the sha256 of each complete chunk's float32 rows)
 
 Both parts are open formats: ``zarr.open("<store>/features")`` (zarr-python ≥ 3) or
 tensorstore read the array, any JSON reader the sidecar.
@@ -29,13 +30,20 @@ different config (or a different N, k, chunk_rows) raises a ``ValueError`` that
 names every differing key, so features of different models, draws or projections
 are never mixed in one store.
 
-One writer at a time: two processes writing the same store race on the sidecar
-(each rewrites it whole). Readers may run beside a writer.
+Checked on read. ``read`` verifies every chunk it touches against the sha256
+recorded when the chunk was written, so a chunk file deleted, truncated or altered
+after the fact is an error naming the chunk and its file, never NaN or stale
+scores. (Stores written before checksums were recorded are checked for finiteness:
+a missing chunk reads as NaN, the fill value.)
+
+One writer at a time: ``jattr.runs.store_featurize`` holds the store's
+``jattr.io.lock.DirectoryLock`` while it writes. Readers may run beside a writer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -46,6 +54,7 @@ import tensorstore as ts
 
 from jattr.features.projection import ProjectionConfig
 from jattr.io import atomic
+from jattr.io.lock import LOCK_FILE
 
 FORMAT = "jattr.feature_store"
 VERSION = 1
@@ -151,6 +160,10 @@ def check_compatible(train_config: dict, query_config: dict,
                      + describe_diff(a, b, diff, ("train", "query")))
 
 
+def _rows_sha256(rows: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(rows, dtype="<f4").tobytes()).hexdigest()
+
+
 class FeatureStore:
   """A chunked on-disk array Φ [N, k] float32 with its configuration.
 
@@ -218,7 +231,8 @@ class FeatureStore:
             f"are never mixed: use another directory, or delete this one to recompute")
       return store
     leftovers = [p.name for p in path.iterdir()] if path.exists() else []
-    if any(n != ARRAY and not n.startswith(f".{SIDECAR}.tmp") for n in leftovers):
+    if any(n not in (ARRAY, LOCK_FILE) and not n.startswith(f".{SIDECAR}.tmp")
+           for n in leftovers):
       raise ValueError(f"path {path} exists and is not a feature store (no {SIDECAR}, and it "
                        f"holds {sorted(leftovers)[:5]}); expected an "
                        f"empty or missing directory")
@@ -254,8 +268,14 @@ class FeatureStore:
     if not sidecar_path.exists():
       raise FileNotFoundError(f"{sidecar_path} not found: is {path} a feature store made by "
                               f"`jattr featurize`?")
-    with open(sidecar_path) as f:
-      sidecar = json.load(f)
+    try:
+      with open(sidecar_path) as f:
+        sidecar = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{sidecar_path} is not valid JSON ({e}): the store's sidecar is "
+                       "damaged; featurize into a new directory") from None
+    if not isinstance(sidecar, dict):
+      raise ValueError(f"{sidecar_path} is not a feature store sidecar (a JSON object)")
     if sidecar.get("format") != FORMAT or sidecar.get("version") != VERSION:
       raise ValueError(f"{sidecar_path} has format {sidecar.get('format')!r} version "
                        f"{sidecar.get('version')!r}; expected {FORMAT!r} version {VERSION}")
@@ -265,6 +285,13 @@ class FeatureStore:
       raise ValueError(f"{path / ARRAY} has shape {tuple(array.shape)} but {sidecar_path} "
                        f"says {expected}")
     return cls(path, sidecar, array)
+
+  def refresh(self) -> "FeatureStore":
+    """Re-reads the sidecar (e.g. after taking the store's lock: another writer may
+    have completed chunks since this object was opened)."""
+    with open(self.path / SIDECAR) as f:
+      self._sidecar = json.load(f)
+    return self
 
   # -- description ----------------------------------------------------------------
 
@@ -330,11 +357,33 @@ class FeatureStore:
       raise ValueError(f"array for chunk {i} holds {int(np.sum(~np.isfinite(array)))} "
                        f"non-finite values; features must be finite")
     self._array[start:stop].write(array).result()
-    if int(i) not in self._sidecar["complete_chunks"]:
+    digest = _rows_sha256(array)
+    sums = self._sidecar.get("chunk_sha256", {})
+    if int(i) not in self._sidecar["complete_chunks"] or sums.get(str(int(i))) != digest:
       sidecar = dict(self._sidecar)
-      sidecar["complete_chunks"] = sorted(self._sidecar["complete_chunks"] + [int(i)])
+      sidecar["complete_chunks"] = sorted(set(self._sidecar["complete_chunks"]) | {int(i)})
+      sidecar["chunk_sha256"] = {**sums, str(int(i)): digest}
       atomic.write_json(self.path / SIDECAR, sidecar)
       self._sidecar = sidecar
+
+  def chunk_file(self, i: int) -> pathlib.Path:
+    """The file holding chunk ``i`` (zarr v3's default chunk key ``c/<i>/0``)."""
+    return self.path / ARRAY / "c" / str(int(i)) / "0"
+
+  def _verified_chunk(self, i: int) -> np.ndarray:
+    """Chunk ``i``'s rows, checked against the checksum recorded at write."""
+    start, stop = self.chunk_bounds(i)
+    data = self._array[start:stop].read().result()
+    expected = self._sidecar.get("chunk_sha256", {}).get(str(int(i)))
+    bad = (expected is not None and _rows_sha256(data) != expected) or (
+        expected is None and not np.all(np.isfinite(data)))
+    if bad:
+      state = "missing" if not self.chunk_file(i).exists() else "damaged"
+      raise ValueError(f"feature store {self.path}: chunk {i} (rows {start}:{stop}, file "
+                       f"{self.chunk_file(i)}) is {state}: its contents do not match what "
+                       f"was written. Delete {self.path} and featurize again (or restore "
+                       f"the file)")
+    return data
 
   def read(self, rows=None) -> np.ndarray:
     """Reads features.
@@ -366,6 +415,10 @@ class FeatureStore:
       raise ValueError(f"rows requested from chunks {bad[:10]} of {self.path}, which are not "
                        f"complete ({len(missing)} of {self.num_chunks} chunks missing); "
                        f"finish featurizing first")
-    if isinstance(rows, slice):
-      return self._array[rows].read().result()
-    return self._array[idx].read().result() if idx.size else np.zeros((0, self.dim), np.float32)
+    out = np.empty((idx.size, self.dim), np.float32)
+    which = idx // self.chunk_rows
+    for c in np.unique(which):
+      data = self._verified_chunk(int(c))
+      at = which == c
+      out[at] = data[idx[at] - int(c) * self.chunk_rows]
+    return out

@@ -25,7 +25,9 @@ size and never grows with N.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,11 +35,11 @@ from jax.tree_util import Partial
 
 from jattr.curvature.inverse_vp import InverseVP, inverse_vp_fn
 from jattr.curvature.kfac import DEFAULT_DAMPING_FACTOR
+from jattr.diffusion.checks import check_finite_params
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.measurements import measurement_fn
 from jattr.diffusion.schedules import Schedule
-from jattr.grads.per_example import (flatten_per_example, map_chunks, per_example_flat_grads,
-                                     per_example_grads)
+from jattr.grads.per_example import apply_chunks, flatten_per_example, per_example_grads
 from jattr.methods.scoring import tiled_scores
 from jattr.progress import Progress
 from jattr.progress import resolve as resolve_progress
@@ -53,9 +55,27 @@ def _leading(tree, name: str) -> int:
   return sizes.pop()
 
 
+def _preconditioned_rows(ivp, grads):
+  """A chunk of Ψ: the curvature ``ivp`` (a ``Partial``) travels as a jit argument."""
+  return flatten_per_example(jax.vmap(ivp)(grads))
+
+
+@dataclasses.dataclass(frozen=True)
+class _PreconditionedRows:
+  """A chunk of Ψ for an ``inverse_vp`` that is a plain (static) function."""
+
+  ivp: Callable
+
+  def __call__(self, _, grads):
+    return flatten_per_example(jax.vmap(self.ivp)(grads))
+
+
 def precondition(query_grads: Params, inverse_vp: InverseVP, *,
                  chunk_size: int | None = None) -> jax.Array:
   """ψ_q = (C + λ I)⁻¹ ∇m_q for every query, flattened.
+
+  Called eagerly with chunk_size < Q, the chunks run from a host loop over one
+  compiled chunk program (``jattr.grads.loop_chunks``); under ``jit`` with ``lax.map``.
 
   Args:
     query_grads: params-like pytree with a leading axis Q (``per_example_grads``).
@@ -66,14 +86,10 @@ def precondition(query_grads: Params, inverse_vp: InverseVP, *,
     Ψ, [Q, P], rows in ``ravel_pytree`` order (as ``flatten_per_example``).
   """
   _leading(query_grads, "query_grads")
-
-  def run(ivp, grads):
-    return map_chunks(lambda g: flatten_per_example(jax.vmap(ivp)(g)), grads,
-                      chunk_size=chunk_size)
-
   if isinstance(inverse_vp, Partial):  # the curvature travels as a jit argument
-    return jax.jit(run)(inverse_vp, query_grads)
-  return jax.jit(functools.partial(run, inverse_vp))(query_grads)
+    return apply_chunks(_preconditioned_rows, inverse_vp, query_grads, chunk_size=chunk_size)
+  return apply_chunks(_PreconditionedRows(inverse_vp), None, query_grads,
+                      chunk_size=chunk_size)
 
 
 def influence_scores(query_grads: Params, train_grads, inverse_vp: InverseVP, *,
@@ -126,9 +142,11 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
   m_q = ``measurement_fn(measurement, ...)`` on query q (averaged over
   ``query_draws``, default ``draws``); ℓ_i = ``measurement_fn("loss", ...)`` on
   training example i, averaged over ``draws`` (use the draws the curvature was
-  fitted with). Training gradients are computed ``tile_size`` examples at a time
-  (``per_example_flat_grads``, ``chunk_size`` per vmap) and dotted with the
-  preconditioned queries; peak memory is about (Q + tile_size)·P.
+  fitted with). Training gradients are computed ``chunk_size`` examples at a time
+  (one ``vmap``) and dotted with the preconditioned queries inside the same compiled
+  chunk program, run from a host loop (``jattr.grads.loop_chunks``); the scores come
+  back ``tile_size`` training examples at a time. Peak memory is about
+  (Q + chunk_size)·P + Q·tile_size (chunk_size ``None``: tile_size in place of it).
 
   Args:
     apply_fn: ``apply_fn(params, x_t [B,H,W,C], t [B]) -> [B,H,W,C]``.
@@ -153,6 +171,7 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
   Returns:
     τ, [Q, N]; τ/N ≈ m_q(θ₋ᵢ) − m_q(θ). ``out`` itself when given.
   """
+  check_finite_params(params)  # a diverged model gives NaN scores, not an answer
   _check_images(train_x0, draws, "train_x0")
   _check_images(query_x0, draws if query_draws is None else query_draws, "query_x0")
   if int(tile_size) < 1:
@@ -161,15 +180,20 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
                         draws if query_draws is None else query_draws,
                         parameterization=parameterization, time=time, weights=weights)
   loss_fn = measurement_fn("loss", apply_fn, schedule, draws, parameterization=parameterization)
-  query_grads = jax.jit(lambda p, x: per_example_grads(m_fn, p, x, chunk_size=chunk_size))(
-      params, query_x0)
+  query_grads = per_example_grads(m_fn, params, query_x0, chunk_size=chunk_size)
   psi = precondition(query_grads, inverse_vp_fn(curvature, damping, damping_factor=damping_factor),
                      chunk_size=chunk_size)
+  del query_grads
 
-  @jax.jit
+  def train_rows(args, xt):  # τ[:, chunk]ᵀ: [c, Q], from the chunk's gradients [c, P]
+    p, psi = args
+    g = flatten_per_example(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(p, xt))
+    return g.astype(psi.dtype) @ psi.T
+
   def tile_scores(p, psi, xt):
-    g = per_example_flat_grads(loss_fn, p, xt, chunk_size=chunk_size)
-    return psi @ g.astype(psi.dtype).T
+    # One compiled chunk program for every chunk of every tile (a host loop when
+    # chunk_size < tile_size; jattr.grads.loop_chunks).
+    return apply_chunks(train_rows, (p, psi), xt, chunk_size=chunk_size).T
 
   n, q = train_x0.shape[0], query_x0.shape[0]
   if out is not None and out.shape != (q, n):

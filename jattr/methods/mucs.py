@@ -53,7 +53,8 @@ leaves get zero gradient and zero update.
 
 Many queries are unlearned at once: the single-query kernel is ``vmap``ped over a
 chunk of queries (``lax.while_loop`` under ``vmap`` runs until every query of the
-chunk is done and freezes the finished ones), and chunks run one after the other.
+chunk is done and freezes the finished ones), and chunks run one after the other,
+from a host loop over one compiled chunk program (``jattr.grads.loop_chunks``).
 
 References:
   "Mirrored unlearning and noise-consistent skew" (MUCS), 2025.
@@ -78,7 +79,8 @@ from jattr.diffusion.draws import Draws, fixed_draws
 from jattr.diffusion.losses import per_example_loss
 from jattr.diffusion.measurements import measurement_fn
 from jattr.diffusion.schedules import Schedule
-from jattr.grads.per_example import map_chunks
+from jattr.grads.per_example import apply_chunks
+from jattr.progress import Progress
 from jattr.train.loop import draw_batch
 from jattr.types import ApplyFn, Parameterization, Params
 
@@ -235,7 +237,8 @@ def per_draw_losses(apply_fn: ApplyFn, params: Params, schedule: Schedule, image
     images: [N, H, W, C].
     draws: K draws, ``eps`` [K, H, W, C].
     parameterization: how the network output is read.
-    chunk_size: examples per ``vmap`` chunk (the network sees chunk_size · K images).
+    chunk_size: examples per ``vmap`` chunk (the network sees chunk_size · K images);
+      called eagerly, the chunks run from a host loop over one compiled program.
 
   Returns:
     Losses [N, K].
@@ -243,13 +246,27 @@ def per_draw_losses(apply_fn: ApplyFn, params: Params, schedule: Schedule, image
   if images.ndim != 4 or images.shape[1:] != draws.eps.shape[1:]:
     raise ValueError(f"images must be [N, *{tuple(draws.eps.shape[1:])}] (the draws' image "
                      f"shape), got {images.shape}")
+  return apply_chunks(_DrawLosses(apply_fn, schedule, parameterization), (params, draws),
+                      images, chunk_size=chunk_size)
 
-  def one(x0):
-    xs = jnp.broadcast_to(x0, draws.eps.shape)
-    return per_example_loss(apply_fn, params, schedule, xs, draws.t,
-                            draws.eps.astype(x0.dtype), parameterization)
 
-  return map_chunks(jax.vmap(one), images, chunk_size=chunk_size)
+@dataclasses.dataclass(frozen=True)
+class _DrawLosses:
+  """The chunk kernel of ``per_draw_losses`` (hashable)."""
+
+  apply_fn: ApplyFn
+  schedule: Schedule
+  parameterization: str
+
+  def __call__(self, args, images):
+    params, draws = args
+
+    def one(x0):
+      xs = jnp.broadcast_to(x0, draws.eps.shape)
+      return per_example_loss(self.apply_fn, params, self.schedule, xs, draws.t,
+                              draws.eps.astype(x0.dtype), self.parameterization)
+
+    return jax.vmap(one)(images)
 
 
 def null_loss(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], Params], keys: jax.Array,
@@ -452,7 +469,8 @@ def unlearn(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_images,
             null: jax.Array, key: jax.Array, draws: Draws, config: UnlearnConfig, *,
             mask: Params | None = None, fisher: Params | None = None,
             query_chunk_size: int | None = None,
-            parameterization: Parameterization = "eps") -> UnlearnResult:
+            parameterization: Parameterization = "eps",
+            progress: Progress | None = None) -> UnlearnResult:
   """Unlearns each query from its own copy of θ*, all queries vmapped.
 
   Args:
@@ -465,8 +483,11 @@ def unlearn(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_images,
     config: the ``UnlearnConfig``.
     mask: trainable mask (``trainable_mask``); ``None``: all parameters.
     fisher: EWC Fisher (``ewc_fisher``), needed iff ``config.ewc_weight > 0``.
-    query_chunk_size: queries unlearned at once (vmapped); chunks run in sequence.
+    query_chunk_size: queries unlearned at once (vmapped); chunks run in sequence,
+      from a host loop over one compiled chunk program.
     parameterization: how the network output is read.
+    progress: called after each query chunk with queries done, stage ``"unlearn"``
+      (``jattr.progress``).
 
   Returns:
     An ``UnlearnResult`` holding the Q unlearned parameter sets.
@@ -477,12 +498,13 @@ def unlearn(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_images,
   kernel = make_unlearn_fn(apply_fn, schedule, draws, config, mask=mask,
                            parameterization=parameterization)
 
-  @jax.jit
-  def run(params, fisher, data, queries, null, key):
-    batch = jax.vmap(lambda q, ln: kernel(params, fisher, data, q, ln, key))
-    return map_chunks(lambda a: batch(*a), (queries, null), chunk_size=query_chunk_size)
+  def chunk_rows(args, chunk):
+    params, fisher, data, key = args
+    return jax.vmap(lambda q, ln: kernel(params, fisher, data, q, ln, key))(*chunk)
 
-  p, (l_f, l_r, steps, rejected) = run(params, fisher, train_images, queries, null, key)
+  p, (l_f, l_r, steps, rejected) = apply_chunks(
+      chunk_rows, (params, fisher, train_images, key), (queries, null),
+      chunk_size=query_chunk_size, progress=progress, desc="unlearn")
   return UnlearnResult(params=p, forget_loss=l_f, null_loss=null, retain_loss=l_r,
                        steps=steps, rejected=rejected)
 
@@ -494,14 +516,17 @@ def mucs_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_ima
                 skew_constant: float = DEFAULT_SKEW_CONSTANT,
                 query_chunk_size: int | None = None, train_chunk_size: int | None = None,
                 return_losses: bool = False,
-                parameterization: Parameterization = "eps") -> MucsResult:
+                parameterization: Parameterization = "eps",
+                progress: Progress | None = None) -> MucsResult:
   """τ[q, i]: unlearn each query (``unlearn``), then the skew of every training loss.
 
       τ[q, i] = 1/K Σ_k skew(ℓ(θ_u^q; x_i, t_k, ε_k), ℓ(θ*; x_i, t'_k, ε'_k))
 
   with (t', ε') = (t, ε) (noise-consistent, the default) or ``original_draws``
   (the independent-noise ablation). Unlearning and scoring are fused per chunk of
-  queries, so only ``query_chunk_size`` unlearned models exist at a time.
+  queries, so only ``query_chunk_size`` unlearned models exist at a time; the
+  chunks run from a host loop over one compiled chunk program
+  (``jattr.grads.loop_chunks``), one ``progress`` call per chunk.
 
   Args:
     apply_fn, params, schedule, train_images, queries, null, key, draws, config,
@@ -512,6 +537,8 @@ def mucs_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_ima
     train_chunk_size: training examples per ``vmap`` chunk when scoring.
     return_losses: also return the unlearned models' per-draw training losses
       [Q, N, K] (``MucsResult.losses``).
+    progress: called after each query chunk with queries done, stage ``"mucs"``
+      (``jattr.progress``).
 
   Returns:
     A ``MucsResult``: scores [Q, N] (τ > 0: proponent) and the diagnostics.
@@ -526,10 +553,11 @@ def mucs_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_ima
   kernel = make_unlearn_fn(apply_fn, schedule, draws, config, mask=mask,
                            parameterization=parameterization)
 
-  @jax.jit
-  def run(params, fisher, data, queries, null, key, o_draws):
-    losses_o = per_draw_losses(apply_fn, params, schedule, data, o_draws,
-                               parameterization=parameterization, chunk_size=train_chunk_size)
+  losses_o = per_draw_losses(apply_fn, params, schedule, train_images, o_draws,
+                             parameterization=parameterization, chunk_size=train_chunk_size)
+
+  def chunk_rows(args, chunk):
+    params, fisher, data, key, losses_o = args
 
     def one(q, ln):
       p_u, diag = kernel(params, fisher, data, q, ln, key)
@@ -538,10 +566,10 @@ def mucs_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_ima
       tau = skew_scores(losses_u, losses_o, skew_constant)
       return (tau, diag, losses_u) if return_losses else (tau, diag)
 
-    batch = jax.vmap(one)
-    return map_chunks(lambda a: batch(*a), (queries, null), chunk_size=query_chunk_size)
+    return jax.vmap(one)(*chunk)
 
-  out = run(params, fisher, train_images, queries, null, key, o_draws)
+  out = apply_chunks(chunk_rows, (params, fisher, train_images, key, losses_o), (queries, null),
+                     chunk_size=query_chunk_size, progress=progress, desc="mucs")
   scores, (l_f, l_r, steps, rejected) = out[:2]
   return MucsResult(scores=scores, unlearn=UnlearnResult(
       params=None, forget_loss=l_f, null_loss=null, retain_loss=l_r, steps=steps,
@@ -580,7 +608,8 @@ def mucs_attribute(apply_fn, params, init_fn, schedule, train_images, queries, *
                    null_models: int = 4, seed: int = 0, skew_constant: float = 1e-6,
                    query_chunk: int | None = 8, train_chunk: int | None = 64,
                    fisher=None, return_losses: bool = False,
-                   parameterization: str = "eps") -> tuple[np.ndarray, dict]:
+                   parameterization: str = "eps",
+                   progress: Progress | None = None) -> tuple[np.ndarray, dict]:
   """τ [Q, N] of one variant for an in-memory model (what ``jattr mucs`` runs).
 
   Usable as the body of an LDS harness ``score_fn``. Keys: draws from
@@ -589,6 +618,7 @@ def mucs_attribute(apply_fn, params, init_fn, schedule, train_images, queries, *
   ``fisher``: a precomputed EWC Fisher (``ewc_fisher`` on the same draws) to reuse
   across calls; None computes it when the config needs it. ``return_losses`` adds
   the unlearned models' per-draw losses [Q, N, K] to ``info["losses_u"]``.
+  ``progress`` is passed to ``mucs_scores`` (one call per query chunk).
 
   Returns:
     ``(tau float32 [Q, N], info)``, ``info`` holding the diagnostics and timings.
@@ -616,7 +646,8 @@ def mucs_attribute(apply_fn, params, init_fn, schedule, train_images, queries, *
                          jax.random.fold_in(key, 1), draws, config, mask=mask, fisher=fisher,
                          original_draws=original, skew_constant=skew_constant,
                          query_chunk_size=query_chunk, train_chunk_size=train_chunk,
-                         return_losses=return_losses, parameterization=parameterization)
+                         return_losses=return_losses, parameterization=parameterization,
+                         progress=progress)
   tau = np.asarray(jax.block_until_ready(res.scores), np.float32)
   t2 = time.perf_counter()
   u = res.unlearn

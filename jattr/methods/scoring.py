@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattr.progress import Progress
+from jattr.progress import resolve as resolve_progress
+
 TileFn = Callable[[jax.Array, jax.Array], jax.Array]
 """``fn(a [tq, k], b [tn, k]) -> [tq, tn]``."""
 
@@ -46,6 +49,9 @@ def _check(query, train, tile_q, tile_n):
 def tiled_scores(query: jax.Array, train: jax.Array, tile_q: int = 1024, tile_n: int = 8192,
                  fn: TileFn = dot_scores) -> jax.Array:
   """τ = [fn(query tile, train tile)] assembled on the device, tile by tile.
+
+  One compiled program (a ``lax.fori_loop`` over the tiles): there is no host loop
+  to report progress from; ``tiled_scores_into`` has one.
 
   Args:
     query: [Q, k].
@@ -75,7 +81,8 @@ def tiled_scores(query: jax.Array, train: jax.Array, tile_q: int = 1024, tile_n:
 
 
 def tiled_scores_into(out: np.ndarray, query, train, tile_q: int = 1024, tile_n: int = 8192,
-                      fn: TileFn = dot_scores) -> np.ndarray:
+                      fn: TileFn = dot_scores, *,
+                      progress: Progress | None = None) -> np.ndarray:
   """Writes τ = [fn(query tile, train tile)] into ``out`` (numpy array or memmap).
 
   Each tile is computed on the device and copied into ``out[q0:q1, n0:n1]``; the
@@ -88,6 +95,8 @@ def tiled_scores_into(out: np.ndarray, query, train, tile_q: int = 1024, tile_n:
     train: [N, k].
     tile_q, tile_n: tile shape.
     fn: the tile function (default ``dot_scores``).
+    progress: called after each tile is written, with tiles done out of
+      ⌈Q/tile_q⌉·⌈N/tile_n⌉, stage ``"scores"`` (``jattr.progress``).
 
   Returns:
     ``out``.
@@ -98,6 +107,8 @@ def tiled_scores_into(out: np.ndarray, query, train, tile_q: int = 1024, tile_n:
     raise ValueError(f"out must have shape [Q, N]=({nq_total}, {nn_total}), got {out.shape}")
   tq, tn = min(int(tile_q), nq_total), min(int(tile_n), nn_total)
   tile_fn = jax.jit(fn)
+  report = resolve_progress(progress)
+  total, done = -(-nq_total // tq) * -(-nn_total // tn), 0
   for q0 in range(0, nq_total, tq):
     # Same shifted-edge tiles as tiled_scores: one compiled shape.
     q0 = min(q0, nq_total - tq)
@@ -105,4 +116,6 @@ def tiled_scores_into(out: np.ndarray, query, train, tile_q: int = 1024, tile_n:
     for n0 in range(0, nn_total, tn):
       n0 = min(n0, nn_total - tn)
       out[q0:q0 + tq, n0:n0 + tn] = np.asarray(tile_fn(a, jnp.asarray(train[n0:n0 + tn])))
+      done += 1
+      report("scores", done, total)
   return out

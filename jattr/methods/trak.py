@@ -19,18 +19,22 @@ checkpoints averages per-model scores (``trak_ensemble_score``).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import dataclasses
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
+from jattr.diffusion.checks import count_nonfinite
 from jattr.diffusion.measurements import trajectory_step_measurement
 from jattr.diffusion.samplers import Trajectory
 from jattr.diffusion.schedules import Schedule
-from jattr.features.projection import ProjectionConfig, featurize
+from jattr.features.projection import ProjectionConfig, check_finite_params, project_grads_fn
+from jattr.grads.per_example import apply_chunks, in_trace
 from jattr.methods.scoring import tiled_scores, tiled_scores_into
+from jattr.progress import Progress
 from jattr.types import ApplyFn, Parameterization, Params
 
 DEFAULT_RELATIVE_DAMPING = 1e-3
@@ -92,9 +96,23 @@ def trak_fit(train_features: jax.Array, *, damping: float | None = None,
 
   Returns:
     A ``TrakState``.
+
+  Raises:
+    ValueError: Φ is not [N, k], holds NaN or inf, or is all zero (the measurement
+      does not depend on the parameters); or the damped kernel is not numerically
+      positive definite.
   """
   if train_features.ndim != 2:
     raise ValueError(f"train_features must have shape [N, k], got {train_features.shape}")
+  bad = count_nonfinite(train_features)
+  if bad:
+    raise ValueError(f"train_features hold {bad} non-finite entries (NaN or inf) out of "
+                     f"{train_features.size}: featurize a model with finite parameters "
+                     "(a NaN gradient, e.g. from a diverged model, is not a damping problem)")
+  if not bool(jnp.any(train_features != 0)):
+    raise ValueError(f"train_features are all zero ({train_features.shape}): the measurement "
+                     "does not depend on the parameters (or its gradient vanishes), so there "
+                     "is nothing to attribute")
   if damping is None:
     lam = default_damping(train_features, relative_damping)
   else:
@@ -129,7 +147,8 @@ def _precondition(cholesky, query_features):
 
 
 def trak_score(state: TrakState, query_features: jax.Array, *,
-               tile: tuple[int, int] = (1024, 8192), out: np.ndarray | None = None):
+               tile: tuple[int, int] = (1024, 8192), out: np.ndarray | None = None,
+               progress: Progress | None = None):
   """τ[q, i] = φ_qᵀ (ΦᵀΦ + λ I)⁻¹ φ_i.
 
   Primal form: the queries are preconditioned once, ψ_q = (ΦᵀΦ + λ I)⁻¹ φ_q (two
@@ -144,6 +163,9 @@ def trak_score(state: TrakState, query_features: jax.Array, *,
     out: optional preallocated numpy array / memmap [Q, N] to write into (the scores
       then never exist whole on the device in the primal form; the
       dual form, used only when N < k, holds the [Q, N] scores once).
+    progress: called after each tile written into ``out`` (primal form), stage
+      ``"scores"`` (``jattr.progress``). Without ``out``, and in the dual form, the
+      scores are one compiled program with no host loop: ``progress`` is not called.
 
   Returns:
     τ, [Q, N] (``out`` itself when given).
@@ -151,6 +173,10 @@ def trak_score(state: TrakState, query_features: jax.Array, *,
   k = state.features.shape[1]
   if query_features.ndim != 2 or query_features.shape[1] != k:
     raise ValueError(f"query_features must have shape [Q, k={k}], got {query_features.shape}")
+  bad = 0 if in_trace(query_features) else count_nonfinite(query_features)
+  if bad:
+    raise ValueError(f"query_features hold {bad} non-finite values (NaN or inf); scores from "
+                     "them would be NaN")
   if is_dual(state):
     kernel = tiled_scores(query_features, state.features, *tile)
     tau = _precondition(state.cholesky, kernel)
@@ -160,7 +186,7 @@ def trak_score(state: TrakState, query_features: jax.Array, *,
     return tau
   psi = _precondition(state.cholesky, query_features)
   if out is not None:
-    return tiled_scores_into(out, psi, state.features, *tile)
+    return tiled_scores_into(out, psi, state.features, *tile, progress=progress)
   return tiled_scores(psi, state.features, *tile)
 
 
@@ -190,6 +216,19 @@ def trak_ensemble_score(models: Sequence[tuple[jax.Array, jax.Array]],
     scores = trak_score(state, query_features, tile=tile)
     total = scores if total is None else total + scores
   return total / len(models)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepFeatures:
+  """Chunk kernel of Journey-TRAK: φ_s = Pᵀ ∇_θ f_s for a chunk, args (θ, t_s, ε_s)."""
+
+  step_loss: Callable
+  config: ProjectionConfig
+
+  def __call__(self, args, images):
+    params, t, eps = args
+    return project_grads_fn(lambda p, x: self.step_loss(p, x, t, eps), self.config)(
+        params, images)
 
 
 def journey_noise(key: jax.Array, step: int, shape: tuple[int, ...], dtype=jnp.float32):
@@ -243,11 +282,13 @@ def journey_trak_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule,
                      f"{train_images.shape}")
   step_loss = trajectory_step_measurement(apply_fn, schedule, parameterization=parameterization)
 
-  # t and eps are traced arguments, so every step reuses one compiled program.
-  @jax.jit
+  check_finite_params(params)
+  kernel = _StepFeatures(step_loss, config)
+
   def step_features(params, images, t, eps):
-    fn = lambda p, x: step_loss(p, x, t, eps)
-    return featurize(fn, params, images, config, chunk_size=chunk_size)
+    # t and eps are arguments of the one compiled chunk program, shared by every step.
+    return apply_chunks(kernel, (params, t, eps), images, chunk_size=chunk_size,
+                        desc="journey featurize")
 
   scores = []
   for s in steps:

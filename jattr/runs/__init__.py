@@ -21,6 +21,12 @@ from jattr.runs.features import score_stores
 from jattr.runs.features import write_scores
 from jattr.runs.mucs import load_queries
 from jattr.runs.mucs import mucs_run
+from jattr.runs.report import query_labels
+from jattr.runs.report import read_scores
+from jattr.runs.report import report_run
+from jattr.runs.report_parts import label_names
+from jattr.runs.report_parts import pixel_neighbours
+from jattr.runs.report_parts import write_run_report
 from jattr.runs.run import attribute_run
 from jattr.runs.run import load_run
 from jattr.runs.run import model_fns

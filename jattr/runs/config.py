@@ -3,6 +3,13 @@
 ``RunConfig`` is what ``config.json`` of a run holds (``jattr.runs.run``);
 ``load_config`` reads one from a JSON file, ``model`` given as a preset name or as
 ``UNetConfig`` fields.
+
+Every key is checked before anything runs (``jattr.io.guard``): an unknown key is
+refused with the nearest valid one (``train.num_step`` → ``train.num_steps``), a
+value of the wrong type (``"num_train": "48"``, ``"num_steps": 4.5``, ``true`` for an
+integer) or out of range (``num_train: 0``) is refused naming the file, the key, the
+value and what is expected. A config built in Python is held to the same checks
+(``__post_init__``).
 """
 
 from __future__ import annotations
@@ -12,13 +19,19 @@ import json
 import os
 from typing import Literal
 
+from jattr.data import DATASET_NAMES
 from jattr.diffusion import Schedule
+from jattr.diffusion.measurements import MEASUREMENTS
+from jattr.io import guard
 from jattr.models import UNetConfig, config_by_name
 from jattr.train import TrainConfig
 
 QUERIES = ("samples", "test", "train")
 """What a run's workflows can attribute or featurize: its generated ``samples.npz``,
 held-out real images (``test``) or its own training images."""
+ATTRIBUTION_MEASUREMENTS = tuple(m for m in MEASUREMENTS if m != "loss_at_time")
+"""Output functions ``AttributionConfig`` takes (``loss_at_time`` needs a time it has
+no field for; ``jattr featurize --measurement loss_at_time --time T`` does)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +62,13 @@ class AttributionConfig:
   relative_damping: float = 1e-3
   chunk_size: int = 128
   top_k: int = 8
+
+  def __post_init__(self):
+    guard.check_fields(self)
+    guard.one_of(self, "measurement", ATTRIBUTION_MEASUREMENTS)
+    for name in ("num_draws", "proj_dim", "chunk_size", "top_k"):
+      guard.at_least(self, name, 1)
+    guard.at_least(self, "relative_damping", 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,25 +105,40 @@ class RunConfig:
   sample_seed: int = 0
   attribution: AttributionConfig = AttributionConfig()
 
+  def __post_init__(self):
+    guard.check_fields(self)
+    guard.one_of(self, "dataset", DATASET_NAMES)
+    guard.at_least(self, "num_train", 1, optional=True)
+    guard.at_least(self, "image_size", 1, optional=True)
+    guard.at_least(self, "subset_seed", 0)  # numpy's generators take no negative seed
+    for name in ("num_timesteps", "num_samples", "sampler_steps"):
+      guard.at_least(self, name, 1)
+    if self.attribution.num_draws > self.num_timesteps:
+      raise guard.ConfigError("attribution.num_draws", f" = {self.attribution.num_draws}: "
+                              f"expected at most num_timesteps = {self.num_timesteps}",
+                              "RunConfig")
+
   def to_json(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self)))
 
   @classmethod
-  def from_json(cls, d: dict) -> "RunConfig":
-    d = dict(d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise ValueError(f"unknown RunConfig keys {sorted(unknown)}; expected some of {sorted(known)}")
-    if isinstance(d.get("model"), str):
-      d["model"] = config_by_name(d["model"])
-    elif isinstance(d.get("model"), dict):
-      d["model"] = UNetConfig(**d["model"])
-    if isinstance(d.get("train"), dict):
-      d["train"] = TrainConfig(**d["train"])
-    if isinstance(d.get("attribution"), dict):
-      d["attribution"] = AttributionConfig(**d["attribution"])
-    return cls(**d)
+  def from_json(cls, d: dict, where: str | None = None) -> "RunConfig":
+    """A RunConfig from its JSON form, every key and type checked (``jattr.io.guard``).
+
+    Args:
+      d: the JSON object; ``model`` may be a preset name.
+      where: the file it came from, named in every error.
+
+    Raises:
+      ValueError (``jattr.io.guard.ConfigError``): an unknown key (with the nearest
+        valid one), a missing one, a wrong type or a value out of range.
+    """
+    if isinstance(d, dict) and isinstance(d.get("model"), str):
+      try:
+        d = {**d, "model": config_by_name(d["model"])}
+      except ValueError as e:
+        raise guard.ConfigError("model", f" = {guard.show(d['model'])}: {e}", where) from None
+    return guard.from_dict(cls, d, where=where)
 
   @property
   def noise_schedule(self) -> Schedule:
@@ -111,6 +146,11 @@ class RunConfig:
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:
-  """Reads a RunConfig from JSON (``model`` may be a preset name)."""
-  with open(path) as f:
-    return RunConfig.from_json(json.load(f))
+  """Reads a RunConfig from JSON (``model`` may be a preset name).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: invalid JSON (line and column), or a key ``RunConfig.from_json``
+      refuses; the message names the file.
+  """
+  return RunConfig.from_json(guard.read_json(path, "RunConfig file"), where=str(path))

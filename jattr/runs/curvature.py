@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import pathlib
 import time
@@ -48,12 +49,13 @@ import jax
 import numpy as np
 
 from jattr import __version__ as jattr_version
-from jattr.curvature import (CURVATURE_KINDS, DEFAULT_ESTIMATION_MODE, MAX_DENSE_PARAMS,
-                             WEIGHT_SHARING, check_damping, dense_ggn, dense_state,
-                             fit_diagonal, fit_ekfac, fit_kfac)
+from jattr.curvature import (CURVATURE_KINDS, DEFAULT_ESTIMATION_MODE, ESTIMATION_MODES,
+                             MAX_DENSE_PARAMS, WEIGHT_SHARING, check_damping, dense_ggn,
+                             dense_state, fit_diagonal, fit_ekfac, fit_kfac)
 from jattr.curvature.dense import check_dense_size
 from jattr.diffusion import fixed_draws
-from jattr.io import atomic
+from jattr.diffusion.measurements import MEASUREMENTS
+from jattr.io import atomic, guard
 from jattr.io.curvature_store import (curvature_exists, load_curvature, read_curvature_meta,
                                       save_curvature)
 from jattr.io.hashing import array_hash, model_hash
@@ -73,11 +75,23 @@ JACOBIAN_BYTES = 1 << 27
 """Budget for one batch of the dense Jacobian J [B K D, P]."""
 
 
+INFLUENCE_KEYS = ("tau", "curvature_kind", "curvature_meta")
+"""Arrays every ``write_influence`` file holds (an existing --out without them is refused)."""
+
+
+def _check_count(name: str, value, optional: bool) -> None:
+  if optional and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f"{name} = {value!r}: expected {'None or ' if optional else ''}an "
+                     f"integer >= 1")
+
+
 def curvature_meta(*, kind: str, model_hash: str, damping: float | None, weight_sharing: str | None,
                    num_draws: int, timesteps: str, draw_seed: int, dataset: str,
                    num_examples: int, examples_hash: str, estimation_mode: str,
                    num_samples: int, seed: int, parameterization: str = "eps",
-                   **extra) -> dict:
+                   images_hash: str | None = None, **extra) -> dict:
   """The standard sidecar ``meta`` of a fitted curvature.
 
   Args:
@@ -88,6 +102,8 @@ def curvature_meta(*, kind: str, model_hash: str, damping: float | None, weight_
     num_draws, timesteps, draw_seed: the K fixed draws (``fixed_draws``).
     dataset, num_examples, examples_hash: the training set the curvature averages
       over (name, N, sha256 of its indices).
+    images_hash: sha256 of the training images themselves (``array_hash``): a
+      curvature is refused with other images even where the indices agree.
     estimation_mode, num_samples, seed: how G was sampled.
     parameterization: how the network output is read.
     **extra: anything else (timings, versions, the model's config).
@@ -101,7 +117,8 @@ def curvature_meta(*, kind: str, model_hash: str, damping: float | None, weight_
           "parameterization": parameterization,
           "draws": {"num_draws": int(num_draws), "timesteps": timesteps, "seed": int(draw_seed)},
           "dataset": {"name": dataset, "split": "train", "num": int(num_examples),
-                      "indices_sha256": examples_hash},
+                      "indices_sha256": examples_hash,
+                      **({} if images_hash is None else {"images_sha256": images_hash})},
           "estimation": {"mode": estimation_mode, "num_samples": int(num_samples),
                          "seed": int(seed)},
           **extra}
@@ -168,16 +185,23 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
     raise ValueError(f"approx must be one of {CURVATURES}, got {approx!r}")
   if weight_sharing not in WEIGHT_SHARING:
     raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}, got {weight_sharing!r}")
-  if int(num_draws) < 1:
-    raise ValueError(f"num_draws must be >= 1, got {num_draws}")
-  if int(batch_size) < 1 or (grad_batch_size is not None and int(grad_batch_size) < 1):
-    raise ValueError(f"batch_size and grad_batch_size must be >= 1, got {batch_size} and "
-                     f"{grad_batch_size}")
+  if timesteps not in ("uniform", "random"):
+    raise ValueError(f"timesteps must be 'uniform' or 'random', got {timesteps!r}")
+  for name, value, optional in (("num_draws", num_draws, False), ("batch_size", batch_size, False),
+                                ("grad_batch_size", grad_batch_size, True),
+                                ("chunk_size", chunk_size, True),
+                                ("num_samples", num_samples, False),
+                                ("max_dense_params", max_dense_params, False)):
+    _check_count(name, value, optional)
   check_damping(damping)
   estimation_mode = DEFAULT_ESTIMATION_MODE if estimation_mode is None else estimation_mode
+  if estimation_mode not in ESTIMATION_MODES:
+    raise ValueError(f"estimation_mode must be one of {ESTIMATION_MODES}, got "
+                     f"{estimation_mode!r}")
   if curvature_exists(out) and not overwrite:
     raise ValueError(f"--out {out} already holds a curvature; choose another directory or "
                      "pass --overwrite")
+  guard.check_output_dir(out, "--out", kind="curvature directory", is_own=curvature_exists)
   report = resolve_progress(progress)
   run_dir = pathlib.Path(run_dir)
   cfg, apply_fn, params = load_run(run_dir)
@@ -234,7 +258,8 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
       kind=approx, model_hash=model_hash(params), damping=damping,
       weight_sharing=weight_sharing if approx in ("kfac", "ekfac") else None,
       num_draws=num_draws, timesteps=timesteps, draw_seed=draw_seed, dataset=cfg.dataset,
-      num_examples=n, examples_hash=array_hash(idx), estimation_mode=estimation_mode,
+      num_examples=n, examples_hash=array_hash(idx), images_hash=array_hash(np.asarray(ds.x)),
+      estimation_mode=estimation_mode,
       num_samples=num_samples, seed=seed, parameterization=param,
       run=str(run_dir), model={"unet": dataclasses.asdict(cfg.model), "schedule": cfg.schedule,
                                "num_timesteps": cfg.num_timesteps},
@@ -284,8 +309,10 @@ def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: i
 
   if queries not in QUERIES:
     raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
-  if int(tile_size) < 1:
-    raise ValueError(f"tile_size must be >= 1, got {tile_size}")
+  if measurement not in MEASUREMENTS:
+    raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
+  _check_count("tile_size", tile_size, False)
+  _check_count("chunk_size", chunk_size, True)
   run_dir = pathlib.Path(run_dir)
   cfg, apply_fn, params = load_run(run_dir)
   state, meta = load_curvature(curvature_dir, params)
@@ -294,6 +321,12 @@ def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: i
     raise ValueError(f"curvature {curvature_dir} was fitted on another training set "
                      f"({meta['dataset']['name']}, N = {meta['dataset']['num']}) than run "
                      f"{run_dir} ({cfg.dataset}, N = {len(idx)})")
+  stored = meta["dataset"].get("images_sha256")
+  if stored is not None and stored != array_hash(np.asarray(ds.x)):
+    raise ValueError(f"curvature {curvature_dir} was fitted on other training images than "
+                     f"run {run_dir} loads now (sha256 {stored[:16]}… recorded, "
+                     f"{array_hash(np.asarray(ds.x))[:16]}… now): the data at data_dir "
+                     "changed; fit the curvature again")
   damping = meta.get("damping") if damping is _UNSET else damping
   check_damping(damping)
   xq, query_info, query_hash = query_examples(cfg, run_dir, queries)
@@ -320,8 +353,13 @@ def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: i
 
 
 def write_influence(path: str | os.PathLike, tau: np.ndarray, info: dict) -> pathlib.Path:
-  """Writes ``influence_run``'s result to an .npz atomically (``tau`` [Q, N] + metadata)."""
-  out = pathlib.Path(path)
+  """Writes ``influence_run``'s result to an .npz atomically (``tau`` [Q, N] + metadata).
+
+  Raises:
+    ValueError: ``path`` is a directory or an existing file that is not an influence
+      file (``jattr.io.guard.check_output_file``; ``jattr influence`` checks it first).
+  """
+  out = guard.check_output_file(path, "--out", kind="influence", keys=INFLUENCE_KEYS)
   out.parent.mkdir(parents=True, exist_ok=True)
   meta = info["curvature_meta"]
   return atomic.write_npz(

@@ -32,9 +32,12 @@ stores' configurations to an .npz:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import numbers
 import os
 import pathlib
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +45,11 @@ import numpy as np
 
 from jattr.data import load_dataset, resize, take
 from jattr.diffusion import fixed_draws
-from jattr.diffusion.measurements import measurement_fn
-from jattr.features.projection import ProjectionConfig
-from jattr.io import atomic
-from jattr.io.feature_store import FeatureStore, check_compatible, feature_config
+from jattr.diffusion.measurements import MEASUREMENTS, measurement_fn
+from jattr.features.projection import PROJECTION_KINDS, ProjectionConfig
+from jattr.io import atomic, guard
+from jattr.io.feature_store import (ARRAY, DTYPE, FORMAT, SIDECAR, VERSION, FeatureStore,
+                                    check_compatible, feature_config)
 from jattr.io.hashing import array_hash, model_hash
 from jattr.methods import grad_cosine, grad_dot, trak_fit, trak_score
 from jattr.models import num_params
@@ -65,6 +69,140 @@ SPEC_DEFAULTS = {"measurement": "square_norm", "num_draws": 10, "timesteps": "un
 """The featurize options ``like`` can fill, with their defaults when there is no ``like``."""
 GRAD_CHUNK_BYTES = 1 << 30
 """Default budget for one chunk of per-example gradients (chunk_size × P float32)."""
+
+
+SCORE_KEYS = ("tau", "method", "train_config", "query_config")
+"""Arrays every ``write_scores`` file holds (an existing --out without them is refused)."""
+
+
+# ---------------------------------------------------------------------------------
+# The sidecar of a feature store, checked before it is used
+# ---------------------------------------------------------------------------------
+
+
+# The schema of the store.json that `jattr featurize` writes (``read_store`` checks a
+# sidecar against it with ``jattr.io.guard.from_dict``: keys, types, consistency).
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreModel:
+  params_sha256: str
+  unet: dict | None = None
+  schedule: str | None = None
+  num_timesteps: int | None = None
+  parameterization: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreMeasurement:
+  name: str
+  kwargs: dict
+
+  def __post_init__(self):
+    guard.one_of(self, "name", MEASUREMENTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreDraws:
+  num_draws: int
+  timesteps: Literal["uniform", "random"]
+  seed: int
+
+  def __post_init__(self):
+    guard.at_least(self, "num_draws", 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreProjection:
+  dim: int
+  kind: str
+  seed: int
+  block_size: int
+
+  def __post_init__(self):
+    guard.one_of(self, "kind", PROJECTION_KINDS)
+    guard.at_least(self, "dim", 1)
+    guard.at_least(self, "block_size", 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreDataset:
+  name: str
+  num: int
+  examples_sha256: str
+  split: str | None = None
+  file: str | None = None
+  images_sha256: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+  model: StoreModel
+  measurement: StoreMeasurement
+  draws: StoreDraws
+  projection: StoreProjection
+  dataset: StoreDataset
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSidecar:
+  format: str
+  version: int
+  num_rows: int
+  dim: int
+  chunk_rows: int
+  dtype: str
+  config: StoreConfig
+  complete_chunks: tuple[int, ...]
+  chunk_sha256: dict | None = None
+
+  def __post_init__(self):
+    for name, value in (("format", FORMAT), ("version", VERSION), ("dtype", DTYPE)):
+      if getattr(self, name) != value:
+        raise guard.ConfigError(name, f" = {guard.show(getattr(self, name))}: expected "
+                                      f"{guard.show(value)}")
+    for name in ("num_rows", "dim", "chunk_rows"):
+      guard.at_least(self, name, 1)
+    chunks = -(-self.num_rows // self.chunk_rows)
+    done = list(self.complete_chunks)
+    if len(set(done)) != len(done) or any(not 0 <= c < chunks for c in done):
+      raise guard.ConfigError("complete_chunks", f" = {guard.show(done)}: expected distinct "
+                                                 f"chunk indices in [0, {chunks})")
+    for name, value in (("config.projection.dim", self.config.projection.dim),
+                        ("config.dataset.num", self.config.dataset.num)):
+      if value != (self.dim if name.endswith("dim") else self.num_rows):
+        raise guard.ConfigError(name, f" = {value}: expected "
+                                      f"{'dim' if name.endswith('dim') else 'num_rows'} = "
+                                      f"{self.dim if name.endswith('dim') else self.num_rows}")
+    sums = self.chunk_sha256 or {}
+    for k, v in sums.items():
+      if k not in {str(c) for c in done} or not (isinstance(v, str) and len(v) == 64):
+        raise guard.ConfigError(f"chunk_sha256.{k}", f" = {guard.show(v)}: expected the "
+                                                     f"sha256 of a complete chunk")
+
+
+def read_store(path: str | os.PathLike, flag: str = "store") -> FeatureStore:
+  """``FeatureStore.load`` of a store ``jattr featurize`` made, its sidecar checked first.
+
+  Every key of ``store.json`` (layout, configuration, completed chunks) is checked
+  for presence, type and consistency, so a damaged or hand-edited sidecar is one
+  error naming the file and the key, never a KeyError later.
+
+  Raises:
+    FileNotFoundError: ``path`` holds no ``store.json``.
+    ValueError: the sidecar is not valid JSON or not a jattr feature store's.
+  """
+  path = pathlib.Path(path)
+  sidecar = path / SIDECAR
+  if not sidecar.is_file():
+    raise FileNotFoundError(errno.ENOENT, f"{flag}: no feature store here (no {SIDECAR}; "
+                                          f"stores are made by `jattr featurize`)", str(path))
+  doc = guard.read_json(sidecar, "feature store sidecar")
+  try:
+    guard.from_dict(StoreSidecar, doc)
+  except guard.ConfigError as e:
+    raise ValueError(f"{sidecar} is damaged or not a jattr feature store sidecar: {e}") from None
+  return FeatureStore.load(path)
 
 
 def _spec_from_store(config: dict) -> dict:
@@ -113,15 +251,23 @@ def query_examples(cfg, run_dir: pathlib.Path, queries: str) -> tuple[np.ndarray
 
   if queries == "train":
     ds, idx = training_data(cfg)
-    return np.asarray(ds.x), {"name": cfg.dataset, "split": "train"}, array_hash(idx)
+    x = np.asarray(ds.x)
+    info = {"name": cfg.dataset, "split": "train", "images_sha256": array_hash(x)}
+    return x, info, array_hash(idx)
   if queries == "samples":
     path = run_dir / "samples.npz"
     if not path.exists():
       raise FileNotFoundError(f"{path} not found; run `jattr sample --run {run_dir}` first")
-    with np.load(path) as z:
-      x = np.asarray(z["x"], np.float32)
-    if x.shape[1:] != tuple(cfg.model.image_shape):
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        x = np.asarray(z["x"], np.float32)
+    except Exception as e:  # a damaged or foreign file: one message naming it
+      raise ValueError(f"{path} is not a readable samples file ({type(e).__name__}: {e}); "
+                       f"run `jattr sample --run {run_dir}` again") from None
+    if x.ndim != 4 or x.shape[1:] != tuple(cfg.model.image_shape):
       raise ValueError(f"{path}: x has shape {x.shape}; expected [B, *{cfg.model.image_shape}]")
+    if x.shape[0] == 0:
+      raise ValueError(f"{path} holds no samples; run `jattr sample --run {run_dir}` again")
     return x, {"name": "samples", "split": "generated", "file": str(path)}, array_hash(x)
   if queries != "test":
     raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
@@ -139,7 +285,35 @@ def query_examples(cfg, run_dir: pathlib.Path, queries: str) -> tuple[np.ndarray
     ds, split = take(full, idx), "train_heldout"
   if cfg.image_size is not None:
     ds = resize(ds, cfg.image_size)
-  return np.asarray(ds.x), {"name": cfg.dataset, "split": split}, array_hash(idx)
+  x = np.asarray(ds.x)
+  return x, {"name": cfg.dataset, "split": split, "images_sha256": array_hash(x)}, array_hash(idx)
+
+
+def _check_count(name: str, value, *, optional: bool = False, low: int = 1) -> None:
+  if optional and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    raise ValueError(f"{name} = {value!r}: expected {'None or ' if optional else ''}an "
+                     f"integer >= {low}")
+
+
+def _check_spec(s: dict) -> None:
+  """The measurement, draws and projection of a featurize call, before anything runs."""
+  if s["measurement"] not in MEASUREMENTS:
+    raise ValueError(f"measurement = {s['measurement']!r}: expected one of "
+                     f"{', '.join(MEASUREMENTS)}{guard.suggest(s['measurement'], MEASUREMENTS)}")
+  if s["timesteps"] not in ("uniform", "random"):
+    raise ValueError(f"timesteps = {s['timesteps']!r}: expected 'uniform' or 'random'")
+  if s["proj_kind"] not in PROJECTION_KINDS:
+    raise ValueError(f"proj_kind = {s['proj_kind']!r}: expected one of {PROJECTION_KINDS}")
+  for name in ("num_draws", "proj_dim", "block_size"):
+    _check_count(name, s[name])
+  for name in ("draw_seed", "proj_seed"):
+    _check_count(name, s[name], low=-2**63)
+  _check_count("time", s["time"], optional=True, low=0)
+  if (s["time"] is None) == (s["measurement"] == "loss_at_time"):
+    raise ValueError("--time is needed by --measurement loss_at_time and by no other "
+                     f"measurement (got measurement {s['measurement']!r}, time {s['time']!r})")
 
 
 def _auto_chunk_size(params, store_chunk_rows: int) -> int:
@@ -173,8 +347,16 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
                     f"{sorted(SPEC_DEFAULTS)}")
   if queries not in QUERIES:
     raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
-  like_config = FeatureStore.load(like).config if like else None
+  _check_count("chunk_size", chunk_size, optional=True)
+  _check_count("store_chunk_rows", store_chunk_rows)
+  like_config = read_store(like, "--like").config if like else None
   s = resolve_spec(spec, like_config)
+  _check_spec(s)
+  # A features/ array without a sidecar is what a crash during creation leaves.
+  guard.check_output_dir(out, "--out", kind="feature store",
+                         is_own=lambda p: (p / SIDECAR).is_file() or guard.listing(p) == [ARRAY])
+  if (pathlib.Path(out) / SIDECAR).is_file():
+    read_store(out, "--out")  # a store to resume: its sidecar must be sound
   run_dir = pathlib.Path(run_dir)
   cfg, apply_fn, params = load_run(run_dir)
   params_hash = model_hash(params)
@@ -210,9 +392,9 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
 # ---------------------------------------------------------------------------------
 
 
-def _read_complete(path):
+def _read_complete(path, flag: str = "store"):
 
-  store = FeatureStore.load(path)
+  store = read_store(path, flag)
   if not store.complete:
     raise ValueError(f"feature store {path} is incomplete ({len(store.missing_chunks())} of "
                      f"{store.num_chunks} chunks missing); rerun its `jattr featurize` command")
@@ -238,7 +420,8 @@ def score_stores(train_store, query_store, method: str = "trak", *,
 
   if method not in SCORE_METHODS:
     raise ValueError(f"method must be one of {SCORE_METHODS}, got {method!r}")
-  train, query = _read_complete(train_store), _read_complete(query_store)
+  train = _read_complete(train_store, "--train-store")
+  query = _read_complete(query_store, "--query-store")
   check_compatible(train.config, query.config)
   phi, phi_q = train.read(), query.read()
   out = np.empty((query.num_rows, train.num_rows), np.float32)
@@ -260,8 +443,13 @@ def score_stores(train_store, query_store, method: str = "trak", *,
 
 
 def write_scores(path: str | os.PathLike, tau: np.ndarray, info: dict) -> pathlib.Path:
-  """Writes ``score_stores``' result to an .npz atomically (``tau`` [Q, N] + metadata)."""
-  out = pathlib.Path(path)
+  """Writes ``score_stores``' result to an .npz atomically (``tau`` [Q, N] + metadata).
+
+  Raises:
+    ValueError: ``path`` is a directory or an existing file that is not a score file
+      (``jattr.io.guard.check_output_file``; ``jattr score`` checks it before scoring).
+  """
+  out = guard.check_output_file(path, "--out", kind="score", keys=SCORE_KEYS)
   out.parent.mkdir(parents=True, exist_ok=True)
   return atomic.write_npz(
       out, tau=tau, method=info["method"],

@@ -28,16 +28,21 @@ Flags given explicitly override the variant's defaults. The .npz holds ``tau``
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import pathlib
 
 import jax.numpy as jnp
 import numpy as np
 
-from jattr.io import atomic
+from jattr.io import atomic, guard
 from jattr.methods.mucs import mucs_attribute, variant_config
 from jattr.runs.features import query_examples
 from jattr.runs.run import load_run, model_fns, training_data
+
+
+MUCS_KEYS = ("tau", "forget_loss", "config")
+"""Arrays every ``mucs_run`` file holds (an existing --out without them is refused)."""
 
 
 def load_queries(cfg, run_dir: pathlib.Path, queries: str = "samples",
@@ -79,6 +84,10 @@ def mucs_run(run_dir, out, *, variant: str = "mucs", queries: str = "samples",
   Returns:
     ``(tau [Q, N], info)`` as written.
   """
+  out = guard.check_output_file(out, "--out", kind="mucs", keys=MUCS_KEYS)
+  if num_queries is not None and (isinstance(num_queries, bool) or not isinstance(
+      num_queries, numbers.Integral) or num_queries < 1):
+    raise ValueError(f"num_queries = {num_queries!r}: expected None or an integer >= 1")
   run_dir = pathlib.Path(run_dir)
   cfg, apply_fn, params = load_run(run_dir)
   _, init_fn = model_fns(cfg)

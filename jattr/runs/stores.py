@@ -26,6 +26,7 @@ from jattr.features.projection import ProjectionConfig, featurize
 from jattr.grads.per_example import ExampleFn
 from jattr.io.feature_store import FeatureStore, config_diff, projection_spec
 from jattr.io.hashing import model_hash
+from jattr.io.lock import DirectoryLock
 from jattr.progress import Progress
 from jattr.progress import resolve as resolve_progress
 from jattr.types import Params
@@ -74,6 +75,9 @@ def store_featurize(fn: ExampleFn, params: Params, examples, proj_config: Projec
       ``None`` uses store.chunk_rows. Peak memory ≈ chunk_size × P floats, whatever N.
     progress: called after each chunk is written, with rows done (``jattr.progress``).
 
+  The store's directory is locked while chunks are written (``jattr.io.lock``): a
+  second writer gets ``InUseError`` naming the PID of the first.
+
   Returns:
     ``store``, now complete.
   """
@@ -94,6 +98,13 @@ def store_featurize(fn: ExampleFn, params: Params, examples, proj_config: Projec
     idx = np.minimum(np.arange(start, start + rows), stop - 1)
     return jax.tree_util.tree_map(lambda x: x[idx], examples)
 
+  with DirectoryLock(store.path, "feature store"):  # one writer at a time
+    _write_missing(fn, params, proj_config, store, rows_of, n, chunk_size, progress)
+  return store
+
+
+def _write_missing(fn, params, proj_config, store, rows_of, n, chunk_size, progress):
+  store.refresh()  # under the lock: chunks another writer finished are not redone
   report = resolve_progress(progress)
   done = [sum(b - a for a, b in map(store.chunk_bounds, store.completed_chunks()))]
 
@@ -113,4 +124,3 @@ def store_featurize(fn: ExampleFn, params: Params, examples, proj_config: Projec
     pending = (i, jax.block_until_ready(phi))
   if pending is not None:
     write(*pending)
-  return store

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jattr.diffusion.checks import check_image_range
 from jattr.diffusion.losses import batch_loss
 from jattr.diffusion.schedules import Schedule
 from jattr.progress import Progress
@@ -119,10 +120,14 @@ def train(apply_fn: ApplyFn, params, schedule: Schedule, data, config: TrainConf
 
   Returns:
     ``(state, losses)``: the final state and the loss of every step [num_steps].
+
+  Raises:
+    ValueError: on data that are not finite images in [−1, 1], and when training
+      diverges (a NaN or inf loss or parameter): the message names the step and the
+      loss, and nothing of the diverged segment is saved, so the checkpoint keeps
+      the last finite state.
   """
-  data = jnp.asarray(data)
-  if data.ndim != 4:
-    raise ValueError(f"data must be [N, H, W, C], got shape {data.shape}")
+  data = check_data(data)
   indices = jnp.arange(data.shape[0], dtype=jnp.int32) if indices is None else jnp.asarray(
       indices, jnp.int32)
   count = jnp.asarray(indices.shape[0], jnp.int32)
@@ -139,10 +144,51 @@ def train(apply_fn: ApplyFn, params, schedule: Schedule, data, config: TrainConf
     losses = list(saved["losses"])
   report = resolve_progress(progress)
   start = int(state.step)
-  for _, length in segments(start, config.num_steps, config.segment_steps):
+  for first, length in segments(start, config.num_steps, config.segment_steps):
     state, seg_losses = segment(state, data, indices, count, train_key, num_steps=length)
+    check_finite_segment(np.asarray(seg_losses)[None], state.params, first, config,
+                         checkpointer)
     losses.extend(np.asarray(seg_losses).tolist())
     if checkpointer is not None:
       checkpointer.save(int(state.step), state, {"job": job, "losses": losses})
     report("train", int(state.step), config.num_steps, loss=float(np.mean(seg_losses)))
   return state, np.asarray(losses, np.float32)
+
+
+def check_data(data) -> jax.Array:
+  """Training images as a device array, checked: [N ≥ 1, H, W, C], finite, in [−1, 1]."""
+  data = jnp.asarray(data)
+  if data.ndim != 4:
+    raise ValueError(f"data must be [N, H, W, C], got shape {data.shape}")
+  if data.shape[0] == 0:
+    raise ValueError("data is empty: training needs at least one image")
+  check_image_range(data, "data")
+  return data
+
+
+class DivergedError(ValueError):
+  """Training produced a NaN or inf loss or parameter."""
+
+
+def check_finite_segment(losses: np.ndarray, params, first_step: int, config: TrainConfig,
+                         checkpointer: Checkpointer | None, member_axis: bool = False) -> None:
+  """Raises ``DivergedError`` if a segment's losses [M, steps] or its final params are not
+  finite, naming the first bad step (and member), the loss and what to change."""
+  bad = ~np.isfinite(losses)
+  params_bad = not bad.any() and not bool(jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)])))  # on device
+  if not bad.any() and not params_bad:
+    return
+  if bad.any():
+    member, j = np.argwhere(bad)[0]
+    step, what = first_step + int(j) + 1, f"the loss is {losses[member, j]}"
+  else:
+    member, step, what = 0, first_step + losses.shape[1], "the parameters hold NaN or inf"
+  who = f" of member {int(member)}" if member_axis else ""
+  saved = checkpointer.latest_step() if checkpointer is not None else None
+  kept = (f"the checkpoint keeps the last finite state (step {saved})" if saved is not None
+          else "nothing was saved")
+  raise DivergedError(
+      f"training diverged at step {step}{who}: {what}; {kept}. Lower the learning rate "
+      f"(now {config.learning_rate:g}) or clip gradients harder (grad_clip "
+      f"{config.grad_clip}), and train again")

@@ -34,7 +34,7 @@ from jattr.diffusion.schedules import Schedule
 from jattr.progress import Progress
 from jattr.progress import resolve as resolve_progress
 from jattr.train.checkpointer import Checkpointer, check_same_job, config_dict
-from jattr.train.loop import make_segment_fn, segments
+from jattr.train.loop import check_data, check_finite_segment, make_segment_fn, segments
 from jattr.train.state import TrainConfig, TrainState, init_state, make_optimizer
 from jattr.types import ApplyFn
 
@@ -168,10 +168,13 @@ def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedu
 
   Returns:
     A ``ManyResult``.
+
+  Raises:
+    ValueError: on data that are not finite images in [−1, 1]; ``DivergedError``
+      (a ValueError) when a member's loss or parameters become NaN or inf, naming
+      the member and step; the checkpoint keeps the last finite state.
   """
-  data = jnp.asarray(data)
-  if data.ndim != 4:
-    raise ValueError(f"data must be [N, H, W, C], got shape {data.shape}")
+  data = check_data(data)
   table = make_subsets(subsets, data.shape[0])
   seeds = np.asarray(seeds, np.int64).reshape(-1)
   if seeds.shape[0] != table.num_members:
@@ -209,8 +212,10 @@ def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedu
   report = resolve_progress(progress)
   desc = f"train_many[M={table.num_members}, {strategy}]"
   start = int(state.step[0])
-  for _, length in segments(start, config.num_steps, config.segment_steps):
+  for first, length in segments(start, config.num_steps, config.segment_steps):
     state, seg = run(state, indices, counts, train_keys, length)
+    check_finite_segment(np.asarray(seg), state.params, first, config, checkpointer,
+                         member_axis=True)
     losses = np.concatenate([losses, np.asarray(seg, np.float32)], axis=1)
     if checkpointer is not None:
       checkpointer.save(int(state.step[0]), state,
