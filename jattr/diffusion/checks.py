@@ -76,9 +76,16 @@ def check_finite_params(params, name: str = "params",
                         consequence: str = "retrain it (with a smaller learning rate)") -> None:
   """Concrete parameters must all be finite (a diverged model is an error, not results);
   skipped for tracers (inside a caller's jit)."""
-  if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(params)):
+  leaves = jax.tree_util.tree_leaves(params)
+  if any(isinstance(x, jax.core.Tracer) for x in leaves):
     return
-  bad = count_nonfinite(params)
+  try:
+    bad = count_nonfinite(params)
+  except jax.errors.ConcretizationTypeError:
+    # Concrete params closed over inside a caller's trace (e.g. a jitted sampler):
+    # the device reduction would be traced too, so count on the host.
+    bad = sum(int(np.sum(~np.isfinite(np.asarray(x)))) for x in leaves
+              if np.issubdtype(np.asarray(x).dtype, np.inexact))
   if bad:
     raise ValueError(f"{name} hold {bad} non-finite values (NaN or inf): the model diverged "
                      f"or was loaded wrongly; {consequence}")
