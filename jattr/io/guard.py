@@ -330,6 +330,16 @@ def check_fields(obj: Any) -> None:
       raise ConfigError(e.key, e.problem, type(obj).__name__, rel=e.rel) from None
 
 
+def check_count(name: str, value, *, optional: bool = False, low: int = 1) -> None:
+  """Raises ValueError unless ``value`` is an integer >= ``low`` (not a bool; None
+  allowed when ``optional``): the check of a workflow's count arguments."""
+  if optional and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    raise ValueError(f"{name} = {value!r}: expected {'None or ' if optional else ''}an "
+                     f"integer >= {low}")
+
+
 def at_least(obj: Any, name: str, low: float, *, optional: bool = False) -> None:
   """Raises ``ConfigError`` unless field ``name`` of ``obj`` is >= ``low`` (None
   allowed when ``optional``)."""

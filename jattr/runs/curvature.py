@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 import pathlib
 import time
@@ -77,14 +76,6 @@ JACOBIAN_BYTES = 1 << 27
 
 INFLUENCE_KEYS = ("tau", "curvature_kind", "curvature_meta")
 """Arrays every ``write_influence`` file holds (an existing --out without them is refused)."""
-
-
-def _check_count(name: str, value, optional: bool) -> None:
-  if optional and value is None:
-    return
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise ValueError(f"{name} = {value!r}: expected {'None or ' if optional else ''}an "
-                     f"integer >= 1")
 
 
 def curvature_meta(*, kind: str, model_hash: str, damping: float | None, weight_sharing: str | None,
@@ -192,7 +183,7 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
                                 ("chunk_size", chunk_size, True),
                                 ("num_samples", num_samples, False),
                                 ("max_dense_params", max_dense_params, False)):
-    _check_count(name, value, optional)
+    guard.check_count(name, value, optional=optional)
   check_damping(damping)
   estimation_mode = DEFAULT_ESTIMATION_MODE if estimation_mode is None else estimation_mode
   if estimation_mode not in ESTIMATION_MODES:
@@ -311,8 +302,8 @@ def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: i
     raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
   if measurement not in MEASUREMENTS:
     raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
-  _check_count("tile_size", tile_size, False)
-  _check_count("chunk_size", chunk_size, True)
+  guard.check_count("tile_size", tile_size)
+  guard.check_count("chunk_size", chunk_size, optional=True)
   run_dir = pathlib.Path(run_dir)
   cfg, apply_fn, params = load_run(run_dir)
   state, meta = load_curvature(curvature_dir, params)

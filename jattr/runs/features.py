@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import numbers
 import os
 import pathlib
 from typing import Literal
@@ -289,14 +288,6 @@ def query_examples(cfg, run_dir: pathlib.Path, queries: str) -> tuple[np.ndarray
   return x, {"name": cfg.dataset, "split": split, "images_sha256": array_hash(x)}, array_hash(idx)
 
 
-def _check_count(name: str, value, *, optional: bool = False, low: int = 1) -> None:
-  if optional and value is None:
-    return
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-    raise ValueError(f"{name} = {value!r}: expected {'None or ' if optional else ''}an "
-                     f"integer >= {low}")
-
-
 def _check_spec(s: dict) -> None:
   """The measurement, draws and projection of a featurize call, before anything runs."""
   if s["measurement"] not in MEASUREMENTS:
@@ -307,10 +298,10 @@ def _check_spec(s: dict) -> None:
   if s["proj_kind"] not in PROJECTION_KINDS:
     raise ValueError(f"proj_kind = {s['proj_kind']!r}: expected one of {PROJECTION_KINDS}")
   for name in ("num_draws", "proj_dim", "block_size"):
-    _check_count(name, s[name])
+    guard.check_count(name, s[name])
   for name in ("draw_seed", "proj_seed"):
-    _check_count(name, s[name], low=-2**63)
-  _check_count("time", s["time"], optional=True, low=0)
+    guard.check_count(name, s[name], low=-2**63)
+  guard.check_count("time", s["time"], optional=True, low=0)
   if (s["time"] is None) == (s["measurement"] == "loss_at_time"):
     raise ValueError("--time is needed by --measurement loss_at_time and by no other "
                      f"measurement (got measurement {s['measurement']!r}, time {s['time']!r})")
@@ -347,8 +338,8 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
                     f"{sorted(SPEC_DEFAULTS)}")
   if queries not in QUERIES:
     raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
-  _check_count("chunk_size", chunk_size, optional=True)
-  _check_count("store_chunk_rows", store_chunk_rows)
+  guard.check_count("chunk_size", chunk_size, optional=True)
+  guard.check_count("store_chunk_rows", store_chunk_rows)
   like_config = read_store(like, "--like").config if like else None
   s = resolve_spec(spec, like_config)
   _check_spec(s)
