@@ -9,6 +9,10 @@ part of the repository: they sit in ``../shared/data`` beside it (locally and in
 or wherever ``$JATTR_DATA`` points. Where they are absent (a fresh clone) the
 real-data tests are skipped, with the reason in the summary line; under ``CI=true``
 they fail instead, so CI never passes without having run them.
+
+Tests marked ``kfac_jax`` compare against kfac-jax, which only the ``kfac`` extra
+installs (it pins jax 0.9.1): where ``import kfac_jax`` fails they are skipped, and
+.ci/run's second stage runs them on that pinned stack (``pytest -m kfac_jax``).
 """
 
 import os
@@ -68,6 +72,29 @@ def locate_shared_data(environ: Mapping[str, str] = os.environ,
 def shared_data_dir() -> pathlib.Path:
   """The real datasets' folder (see ``locate_shared_data``): skips, or fails in CI."""
   return locate_shared_data()
+
+
+KFAC_JAX_SKIP = "needs the kfac extra; run by .ci/run's pinned-stack stage"
+"""The skip reason of the ``kfac_jax``-marked tests where kfac-jax is not installed."""
+
+
+def kfac_jax_available() -> bool:
+  """True where ``import kfac_jax`` works (the ``kfac`` extra is installed)."""
+  try:
+    import kfac_jax  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def pytest_collection_modifyitems(config, items):
+  """Skips the ``kfac_jax``-marked tests where kfac-jax cannot be imported."""
+  del config
+  marked = [item for item in items if item.get_closest_marker("kfac_jax") is not None]
+  if marked and not kfac_jax_available():
+    skip = pytest.mark.skip(reason=f"{KFAC_JAX_SKIP} (pip install -e '.[kfac]')")
+    for item in marked:
+      item.add_marker(skip)
 
 
 def pytest_terminal_summary(terminalreporter):

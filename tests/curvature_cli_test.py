@@ -49,8 +49,8 @@ def _cli(argv):
 def ekfac_dir(tiny_run, tmp_path_factory):
   out = tmp_path_factory.mktemp("curv") / "ekfac"
   with warnings.catch_warnings():
-    # The driver must hand kfac-jax the conv_impl="xla" UNet: no diagonal fallback.
-    warnings.filterwarnings("error", message=".*matched no kfac-jax layer.*")
+    # Every UNet kernel must get a Kronecker block: no diagonal fallback.
+    warnings.filterwarnings("error", message=".*get only a diagonal K-FAC block.*")
     state = _cli(["fit-curvature", "--run", str(tiny_run), "--out", str(out), "--approx",
                   "ekfac", "--num-draws", str(K), "--batch-size", str(N_TRAIN), "--damping", "0.01",
                   "--quiet"])

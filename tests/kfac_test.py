@@ -1,15 +1,16 @@
-"""K-FAC and EK-FAC against the dense GGN, block by block, in float64."""
+"""K-FAC (native layer registry) and EK-FAC against the dense GGN, block by block, in float64.
+
+The comparison with kfac-jax's factors is tests/kfac_jax_test.py (the pinned stack)."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
-import kfac_jax
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from jattr.curvature import dense, ekfac, ggn, kfac, kfac_blocks
+from jattr.curvature import dense, ekfac, ggn, kfac
 from jattr.diffusion import draws as draws_lib
 from jattr.diffusion import schedules
 
@@ -137,49 +138,8 @@ def test_weight_sharing_expand_and_reduce(x64, apply_fn, shape, exact, inexact):
     assert err > 1e-2
 
 
-def strided_conv_apply(p, x, t, stride=2, padding="SAME"):
-  """A 3x3 conv over 3 input channels with stride 2, upsampled back to x's shape."""
-  a = jnp.concatenate([x, x ** 2, time_feature(x, t)], axis=-1)
-  s = jax.lax.conv_general_dilated(a, p["w"], (stride, stride), padding,
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  if "b" in p:
-    s = s + p["b"]
-  reps = (x.shape[1] // s.shape[1], x.shape[2] // s.shape[2])
-  return jnp.repeat(jnp.repeat(s, reps[0], axis=1), reps[1], axis=2)
-
-
-# The default run keeps one case per padding, with and without bias and chunking
-# (SAME-False-False, SAME-True-True, VALID-False-True); the other two are slow.
-@pytest.mark.parametrize("padding,bias,chunked", [
-    pytest.param("SAME", True, False, marks=pytest.mark.slow),
-    pytest.param("VALID", True, False, marks=pytest.mark.slow),
-    ("SAME", False, False), ("SAME", True, True), ("VALID", False, True)])
-def test_conv_expand_block_equals_kfac_jax_block(x64, monkeypatch, padding, bias, chunked):
-  # fit_kfac's Conv2DExpand computes A from explicit patches; kfac-jax's own block
-  # (patches_moments) must give the same factors, for strides, padding, bias or none,
-  # and when the patches are summed over chunks of examples (3 pairs of a batch of
-  # 4 (2 examples x 2 draws) per chunk: one zero-padded pair).
-  schedule, x0, draws, key = problem(3, 2, (4, 4, 2) if padding == "SAME" else (6, 6, 2))
-  params = {"w": jax.random.normal(key, (3, 3, 5, 2))}
-  if bias:
-    params["b"] = jnp.array([0.3, -0.2])
-  apply_fn = functools.partial(strided_conv_apply, padding=padding)
-  if chunked:
-    # 3 float64 pairs of 2x2 output locations (stride 2) x 3x3x5 patch entries.
-    monkeypatch.setattr(kfac_blocks, "PATCH_CHUNK_BYTES", 3 * 8 * 4 * 3 * 3 * 5)
-  ours = kfac.fit_kfac(apply_fn, params, schedule, x0, draws, batch_size=2, **EXACT)
-  monkeypatch.setattr(kfac, "Conv2DExpand", kfac_jax.Conv2DTwoKroneckerFactored)
-  theirs = kfac.fit_kfac(apply_fn, params, schedule, x0, draws, batch_size=2, **EXACT)
-  assert len(ours.blocks) == 1 and ours.layout[0].kind == "kronecker"
-  [mine], [ref] = ours.blocks, theirs.blocks
-  assert mine.a.shape == (3 * 3 * 5 + bias,) * 2
-  np.testing.assert_allclose(mine.a, ref.a, rtol=1e-10, atol=1e-12)
-  np.testing.assert_allclose(mine.g, ref.g, rtol=1e-10, atol=1e-12)
-
-
 def test_grouped_conv_falls_back_to_a_diagonal_block_with_a_warning(x64):
-  # kfac-jax's matcher does not tag grouped convolutions as conv2d (so jattr's conv
-  # blocks, which need ungrouped patches, never see one): fit_kfac says so.
+  # The registry covers ungrouped convolutions only: fit_kfac says so, naming the path.
   def grouped_apply(p, x, t):
     a = jnp.concatenate([x, time_feature(x, t)], axis=-1)  # 2 channels, 2 groups
     return jax.lax.conv_general_dilated(a, p["w"], (1, 1), "SAME", feature_group_count=2,
@@ -187,7 +147,7 @@ def test_grouped_conv_falls_back_to_a_diagonal_block_with_a_warning(x64):
 
   schedule, x0, draws, key = problem(2, 1, (2, 2, 1))
   params = {"w": jax.random.normal(key, (2, 2, 1, 2))}
-  with pytest.warns(UserWarning, match="matched no kfac-jax layer pattern"):
+  with pytest.warns(UserWarning, match=r"w \[2, 2, 1, 2\]: the kernel of a grouped conv"):
     state = kfac.fit_kfac(grouped_apply, params, schedule, x0, draws, **EXACT)
   assert [lay.kind for lay in state.layout] == ["diagonal"]
 
@@ -253,24 +213,31 @@ def test_sampled_modes_converge_to_exact_kfac(x64):
     assert max(block_errors(exact, dense_kfac(state, params), params, state.layout)) < 0.15
 
 
-def test_generic_parameters_get_the_per_example_diagonal(x64):
-  # A parameter in no dense/conv layer gets a kfac-jax "generic" NaiveDiagonal
-  # block, which squares batch sums (cross-example terms); jattr refits it from
-  # per-example rows.
+def test_parameters_outside_layers_get_the_exact_ggn_diagonal(x64):
+  # A parameter in no dense/conv layer gets the exact GGN diagonal Σ_r γ_r² / (N K),
+  # from the same pass as the factors.
   def scaled_apply(p, x, t):
     return mlp_apply(p["m"], x, t) * jnp.exp(p["s"]).reshape(2, 2, 1)
 
   schedule, x0, draws, key = problem(4, 2, (2, 2, 1))
   params = {"m": mlp_params(key), "s": jnp.array([0.1, -0.2, 0.3, 0.0])}
   g = np.diag(dense.dense_ggn(scaled_apply, params, schedule, x0, draws))[-4:]
-  diag = {}
-  for mode in ("per_example", "kfac_jax"):
-    state = kfac.fit_kfac(scaled_apply, params, schedule, x0, draws, batch_size=2,
-                          generic_diagonal=mode, **EXACT)
-    assert [lay.kind for lay in state.layout] == ["kronecker", "kronecker", "diagonal"]
-    diag[mode] = state.blocks[2].diag[0]
-  np.testing.assert_allclose(diag["per_example"], g, rtol=1e-10)
-  assert np.abs(diag["kfac_jax"] - g).max() > 1e-2 * g.max()
+  state = kfac.fit_kfac(scaled_apply, params, schedule, x0, draws, batch_size=2,
+                        chunk_size=3, **EXACT)
+  assert [lay.kind for lay in state.layout] == ["kronecker", "kronecker", "diagonal"]
+  assert [lay.name for lay in state.layout] == ["m/l1/w", "m/l2/w", "s"]
+  np.testing.assert_allclose(state.blocks[2].diag[0], g, rtol=1e-10)
+
+
+def test_batches_and_chunks_give_the_same_factors(x64):
+  schedule, x0, draws, key = problem(5, 2, (2, 2, 1))
+  params = mlp_params(key)
+  one = kfac.fit_kfac(mlp_apply, params, schedule, x0, draws, **EXACT)
+  split = kfac.fit_kfac(mlp_apply, params, schedule, x0, draws, batch_size=2, chunk_size=3,
+                        **EXACT)
+  for a, b in zip(one.blocks, split.blocks):
+    np.testing.assert_allclose(a.a, b.a, rtol=1e-12)
+    np.testing.assert_allclose(a.g, b.g, rtol=1e-12)
 
 
 def test_bad_inputs_raise(x64):
@@ -280,8 +247,10 @@ def test_bad_inputs_raise(x64):
     kfac.fit_kfac(mlp_apply, params, schedule, x0, draws, weight_sharing="both")
   with pytest.raises(ValueError, match="estimation_mode must be one of"):
     kfac.fit_kfac(mlp_apply, params, schedule, x0, draws, estimation_mode="exact")
-  with pytest.raises(ValueError, match="'fisher_empirical' is not supported by fit_kfac"):
-    kfac.fit_kfac(mlp_apply, params, schedule, x0, draws, estimation_mode="fisher_empirical")
+  with pytest.raises(ValueError, match="backend must be one of"):
+    kfac.fit_kfac(mlp_apply, params, schedule, x0, draws, backend="torch")
+  with pytest.raises(ValueError, match="chunk_size must be"):
+    kfac.fit_kfac(mlp_apply, params, schedule, x0, draws, chunk_size=0)
   with pytest.raises(ValueError, match="generic_diagonal must be"):
     kfac.fit_kfac(mlp_apply, params, schedule, x0, draws, generic_diagonal="exact")
   with pytest.raises(ValueError, match="batch_size must be"):

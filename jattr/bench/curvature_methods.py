@@ -18,10 +18,17 @@ quantity K-FAC and EK-FAC approximate, eigendecomposed once in float64
 (``jattr.curvature.dense_state``; the digits benchmark's P = 12,921: G is 1.3 GB).
 
 K-FAC is fitted on the UNet rebuilt with native convolutions (``conv_impl="xla"``,
-same parameters): kfac-jax's graph matcher does not recognise the im2col
-convolutions the CPU build uses (docs/influence.md §11). The fit time (wall, one
-process, compile included) is recorded in ``fit_seconds`` of the returned score
-function for the results table.
+same parameters; ``jattr.models.kfac_apply_fn``). The native ``fit_kfac`` does not
+need it (its layer registry gives the im2col UNet the same blocks and factors,
+docs/influence.md §11); it is kept so that the digits benchmark's K-FAC rows stay
+comparable with those fitted through kfac-jax, whose graph matcher does not
+recognise im2col convolutions. The fit time (wall, one process, compile included)
+is recorded in ``fit_seconds`` of the returned score function for the results table.
+
+``wrt`` (a ``jattr.wrt`` selector; ``None``: all parameters) restricts the model
+before anything is fitted (``jattr.wrt.restrict``): the curvature is that of the
+selected parameters θ_S, the others held fixed, and the gradients are ∇_{θ_S} — one
+selection for the fit and the scores.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from jattr.diffusion import draws as draws_lib
 from jattr.diffusion.measurements import measurement_fn
 from jattr.grads.per_example import per_example_flat_grads
 from jattr.methods.influence import influence_scores
+from jattr.wrt import restrict
 
 DAMPING_FACTOR_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 APPROXIMATIONS = (*CURVATURE_KINDS, "identity", "dense_blockdiag")
@@ -53,8 +61,11 @@ dot products) and the dense GGN's within-layer blocks."""
 
 def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand",
                   num_draws: int = 10, draw_seed: int = 1, batch_size: int = 50,
-                  estimation_mode: str = DEFAULT_ESTIMATION_MODE):
-  """Fits the curvature of the cache's full-data model; returns (state, draws, seconds)."""
+                  estimation_mode: str = DEFAULT_ESTIMATION_MODE, wrt=None):
+  """Fits the curvature of the cache's full-data model; returns (state, draws, seconds).
+
+  With ``wrt`` the curvature is that of the selected parameters (module docstring).
+  """
   if approx not in APPROXIMATIONS:
     raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
   train = jnp.asarray(cache.train_images)
@@ -62,33 +73,35 @@ def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand"
   draws = draws_lib.fixed_draws(jax.random.key(draw_seed), num_draws, shape,
                                 cache.schedule.num_timesteps)
   param = cache.train_config.parameterization
+  apply_fn, params = restrict(cache.apply_fn, cache.full_params, wrt)
   t0 = time.perf_counter()
   if approx == "identity":  # C = I: the exact (unprojected) gradient dot product
     return None, draws, 0.0
   if approx in ("dense", "dense_blockdiag"):
-    check_dense_size(ravel_pytree(cache.full_params)[0].size, MAX_DENSE_PARAMS,
+    check_dense_size(ravel_pytree(params)[0].size, MAX_DENSE_PARAMS,
                      what=f"approx={approx!r}")
     # The exact GGN G [P, P] (the reference every other curvature approximates),
     # eigendecomposed once in float64 so that each damping of the grid costs a
     # diagonal rescaling: (G + λI)⁻¹ = U diag(1/(s + λ)) Uᵀ.
-    g = np.asarray(dense_ggn(cache.apply_fn, cache.full_params, cache.schedule, train, draws,
+    g = np.asarray(dense_ggn(apply_fn, params, cache.schedule, train, draws,
                              batch_size=batch_size), np.float64)
     if approx == "dense_blockdiag":
       # Only the blocks within one layer (module): K-FAC's block-diagonal structure
       # with each block exact, to separate its two approximations.
-      layer = layer_ids(cache.full_params)
+      layer = layer_ids(params)
       g = np.where(layer[:, None] == layer[None, :], g, 0.0)
     return dense_state(g), draws, time.perf_counter() - t0
   if approx == "diagonal":
-    state = fit_diagonal(cache.apply_fn, cache.full_params, cache.schedule, train, draws,
+    state = fit_diagonal(apply_fn, params, cache.schedule, train, draws,
                          batch_size=batch_size, parameterization=param)
   else:
-    kfac_apply = models.kfac_apply_fn(lds_cache.unet_config(cache.spec, shape))
-    state = fit_kfac(kfac_apply, cache.full_params, cache.schedule, train,
+    kfac_apply, _ = restrict(models.kfac_apply_fn(lds_cache.unet_config(cache.spec, shape)),
+                             cache.full_params, wrt)
+    state = fit_kfac(kfac_apply, params, cache.schedule, train,
                      draws, weight_sharing=weight_sharing, batch_size=batch_size,
                      parameterization=param, estimation_mode=estimation_mode)
     if approx == "ekfac":
-      state = fit_ekfac(cache.apply_fn, cache.full_params, cache.schedule, train, draws, state,
+      state = fit_ekfac(apply_fn, params, cache.schedule, train, draws, state,
                         batch_size=batch_size, parameterization=param,
                         estimation_mode=estimation_mode)
   jax.block_until_ready(jax.tree.leaves(state))
@@ -120,22 +133,27 @@ def _fit_once(cache, **options):
 def influence_method(cache, *, approx: str = "kfac", weight_sharing: str = "expand",
                      num_draws: int = 10, draw_seed: int = 1, measurement: str = "loss",
                      tune: bool = True, grid=DAMPING_FACTOR_GRID, batch_size: int = 50,
-                     estimation_mode: str = DEFAULT_ESTIMATION_MODE):
-  """K-FAC / EK-FAC / diagonal / dense-GGN influence on the full-data model."""
+                     estimation_mode: str = DEFAULT_ESTIMATION_MODE, wrt=None):
+  """K-FAC / EK-FAC / diagonal / dense-GGN influence on the full-data model
+  (``wrt``: with respect to the selected parameters, fit and gradients alike)."""
+  # wrt=None leaves the memo key (and everything else) as it was without the option.
+  extra = {} if wrt is None else {"wrt": wrt}
   state, draws, seconds = _fit_once(cache, approx=approx, weight_sharing=weight_sharing,
                                     num_draws=num_draws, draw_seed=draw_seed,
-                                    batch_size=batch_size, estimation_mode=estimation_mode)
+                                    batch_size=batch_size, estimation_mode=estimation_mode,
+                                    **extra)
   param = cache.train_config.parameterization
-  loss = measurement_fn("loss", cache.apply_fn, cache.schedule, draws, parameterization=param)
-  m_fn = measurement_fn(measurement, cache.apply_fn, cache.schedule, draws,
+  apply_fn, params = restrict(cache.apply_fn, cache.full_params, wrt)
+  loss = measurement_fn("loss", apply_fn, cache.schedule, draws, parameterization=param)
+  m_fn = measurement_fn(measurement, apply_fn, cache.schedule, draws,
                         parameterization=param)
-  grads = jax.jit(lambda f, x: per_example_flat_grads(f, cache.full_params, x, chunk_size=50),
+  grads = jax.jit(lambda f, x: per_example_flat_grads(f, params, x, chunk_size=50),
                   static_argnums=0)
   # N × P and Q × P gradients fit easily at this size: computed once, reused over
   # the damping grid (``influence`` recomputes them tile by tile for large N).
   train_grads = grads(loss, jnp.asarray(cache.train_images))
   query_grads = {}
-  unravel = ravel_pytree(cache.full_params)[1]
+  unravel = ravel_pytree(params)[1]
 
   dense = state is not None and curvature_kind(state) == "dense"
   if dense:

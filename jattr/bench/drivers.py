@@ -9,6 +9,7 @@ Both read an experiment config (JSON; see ``experiments/digits_lds/``):
       "data_dir": null,                   # for fashion_mnist / cifar2 (else $JATTR_DATA)
       "strategy": "map", "chunk_size": null, "query_chunk": 64,
       "methods": ["random", "pixel_cosine"],
+      "variants": {"trak_lora": {"method": "trak", "wrt": "^lora/"}},  # optional
       "bootstrap": {"num_resamples": 10000, "confidence": 0.95, "seed": 0},
       "results": "runs/digits_lds/results.json",
       "counterfactual": {"method": "pixel_cosine", "num_queries": 10,
@@ -22,7 +23,13 @@ noise ceilings) and writes the results record. Any score matrices computed
 elsewhere enter with ``--scores NAME=PATH.npz`` (keys ``validation``, ``test``,
 ``generated``, each τ [Q, N] over the cache's training set).
 
-Methods are registered by name in ``jattr.bench.registry.METHODS``.
+Methods are registered by name in ``jattr.bench.registry.METHODS``. ``variants``
+names a method with options, e.g. TRAK w.r.t. the LoRA adapter only (``wrt``, a
+``jattr.wrt`` regex), scored beside ``"trak"`` (all parameters) under its own name;
+``--wrt REGEX`` (``run_lds(wrt=...)``) scores every requested gradient, influence
+and unlearning method w.r.t. REGEX, reported as ``"NAME[wrt=REGEX]"``
+(``jattr.bench.registry.method_factory``). Neither enters the cache's spec: the
+cache (and its digest) is the same whatever is attributed with respect to what.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattr.bench import lds_cache
-from jattr.bench.registry import METHODS, scores_file_method
+from jattr.bench.registry import METHODS, method_factory, scores_file_method
 from jattr.eval.counterfactual import counterfactual as run_removal
 from jattr.eval.selection import VALIDATION, MethodReport, results_table, select_and_evaluate
 from jattr.io import atomic, checkpoint, guard
@@ -99,6 +106,7 @@ class ExperimentConfig:
   chunk_size: int | None = None
   query_chunk: int = 64
   methods: tuple[str, ...] | None = None
+  variants: dict | None = None
   bootstrap: BootstrapConfig = BootstrapConfig()
   results: str | None = None
   counterfactual: CounterfactualConfig = CounterfactualConfig()
@@ -108,10 +116,24 @@ class ExperimentConfig:
     guard.one_of(self, "strategy", STRATEGIES)
     guard.at_least(self, "chunk_size", 1, optional=True)
     guard.at_least(self, "query_chunk", 1)
+    variants = self.variants or {}
+    for name, v in variants.items():
+      if name in METHODS:
+        raise guard.ConfigError(f"variants.{name}", ": a variant may not reuse the name of a "
+                                "method of jattr.bench.METHODS", "ExperimentConfig")
+      if not isinstance(v, dict) or v.get("method") not in METHODS:
+        raise guard.ConfigError(f"variants.{name}", f" = {guard.show(v)}: expected an object "
+                                "whose 'method' is a method of jattr.bench.METHODS (and the "
+                                "method's options, e.g. 'wrt')", "ExperimentConfig")
+      try:
+        method_factory(name, variants)
+      except ValueError as e:
+        raise guard.ConfigError(f"variants.{name}", f": {e}", "ExperimentConfig") from None
+    known = [*METHODS, *variants]
     for i, m in enumerate(self.methods or ()):
-      if m not in METHODS:
+      if m not in known:
         raise guard.ConfigError(f"methods[{i}]", f" = {guard.show(m)}: expected a method of "
-                                f"jattr.bench.METHODS{guard.suggest(m, METHODS)}",
+                                f"jattr.bench.METHODS or of variants{guard.suggest(m, known)}",
                                 "ExperimentConfig")
 
 
@@ -150,25 +172,30 @@ def build_cache(config: dict, *, progress: Progress | None = None) -> lds_cache.
 
 def _method_list(config: dict, methods, scores: dict | None):
   names = list(methods if methods is not None else config.get("methods", list(METHODS)))
-  unknown = [m for m in names if m not in METHODS]
+  variants = config.get("variants") or {}
+  unknown = [m for m in names if m not in METHODS and m not in variants]
   if unknown:
-    raise ValueError(f"unknown methods {unknown}; known: {sorted(METHODS)} (or pass "
-                     f"--scores NAME=PATH.npz)")
+    raise ValueError(f"unknown methods {unknown}; known: {sorted(METHODS)}"
+                     + (f" and the config's variants {sorted(variants)}" if variants else "")
+                     + " (or pass --scores NAME=PATH.npz)")
   return names, dict(scores or {})
 
 
 def run_lds(config: dict, *, methods=None, scores: dict | None = None,
             results_path: str | None = None, progress: Progress | None = None,
-            out=None) -> dict:
+            out=None, wrt=None) -> dict:
   """Builds/reuses the cache, scores methods, prints the table, writes the record.
 
   Args:
     config: an experiment config (module docstring).
-    methods: names from ``METHODS``; default: the config's ``methods``.
+    methods: names from ``METHODS`` or the config's ``variants``; default: the
+      config's ``methods``.
     scores: extra ``{name: path.npz}`` precomputed score matrices.
     results_path: where to write the JSON record (default: the config's ``results``).
     progress: ``jattr.progress`` callback for the cache build.
     out: where the table is printed (default: the current ``sys.stdout``).
+    wrt: score the gradient, influence and unlearning methods w.r.t. this selector,
+      each reported as ``"NAME[wrt=...]"`` (``jattr.bench.registry.method_factory``).
 
   Returns:
     The results record (also written as JSON).
@@ -181,8 +208,9 @@ def run_lds(config: dict, *, methods=None, scores: dict | None = None,
   reported = [cache.splits[s] for s in ("test", "generated") if cache.splits[s].y.shape[0]]
   reports, timing = [], {}
   for name in names:
+    name, factory = method_factory(name, config.get("variants"), wrt)
     t1 = time.perf_counter()
-    score_fn, grid = METHODS[name](cache)
+    score_fn, grid = factory(cache)
     t2 = time.perf_counter()
     reports.append(select_and_evaluate(name, score_fn, grid, cache.masks,
                                        cache.splits[VALIDATION], reported, **boot))
@@ -283,12 +311,13 @@ def chosen_hparams(path: str | pathlib.Path, method: str, spec_digest: str) -> d
 def run_counterfactual(config: dict, *, method: str | None = None, scores: str | None = None,
                        num_queries: int | None = None, ks=None, random_seed: int | None = None,
                        results_path: str | None = None, progress: Progress | None = None,
-                       chosen_from: str | None = None, out=None) -> dict:
+                       chosen_from: str | None = None, out=None, wrt=None) -> dict:
   """Counterfactual retraining for the first generated queries of a config's cache.
 
   The method's hyper-parameters (if any) are chosen by validation LDS, as for the
   table; the retrained models use the full-data model's recipe and seed
-  (``jattr.eval.counterfactual``).
+  (``jattr.eval.counterfactual``). ``method`` may be a config variant; ``wrt`` as
+  in ``run_lds``.
 
   Returns:
     A record with the per-k summary (attributed vs random removal).
@@ -308,9 +337,8 @@ def run_counterfactual(config: dict, *, method: str | None = None, scores: str |
     score_fn, grid = scores_file_method(scores)
     method = pathlib.Path(scores).stem
   else:
-    if method not in METHODS:
-      raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
-    score_fn, grid = METHODS[method](cache)
+    method, factory = method_factory(method, config.get("variants"), wrt)
+    score_fn, grid = factory(cache)
   if chosen_from is not None:
     chosen = chosen_hparams(chosen_from, method, cache.spec.digest())
   else:
@@ -319,7 +347,8 @@ def run_counterfactual(config: dict, *, method: str | None = None, scores: str |
   tau = np.asarray(score_fn(chosen, gen.queries))[:num_queries]
   keys = jax.random.wrap_key_data(jnp.asarray(gen.queries.sample_keys[:num_queries]))
   image_shape = cache.train_images.shape[1:]
-  tag = f"{method}-q{num_queries}-k{'_'.join(map(str, ks))}-r{random_seed}"
+  safe = method.replace("/", "_")  # "trak[wrt=^lora/]"; the names without "/" unchanged
+  tag = f"{safe}-q{num_queries}-k{'_'.join(map(str, ks))}-r{random_seed}"
   ckpt = cache.directory / "counterfactual" / tag
   # The random controls depend on (Q, ks, random_seed) only: trained once, shared.
   control = (cache.directory / "counterfactual" /

@@ -17,6 +17,11 @@ gradient, of all parameters or, with ``covered="kernels"``, of the Conv/Linear
 kernels only) and ``structured_feature_fn`` (the Kronecker projection
 P_in ⊗ P_out per kernel, ``jattr.features.structured``, which never forms the
 gradient and covers the kernels only).
+
+Every factory takes ``wrt`` (a ``jattr.wrt`` selector; ``None``: all parameters):
+the gradients are taken with respect to the selected parameters only, the others
+held fixed (``featurize(..., wrt=...)``); for ``structured_feature_fn`` it selects
+layers by the names the UNet gives its ``layer`` calls.
 """
 
 from __future__ import annotations
@@ -60,11 +65,14 @@ def _split_kernels(params):
 
 def feature_fn(cache, *, measurement: str = "loss", num_draws: int = 10, draw_seed: int = 1,
                timesteps: str = "uniform", dim: int = 4096, kind: str = "rademacher",
-               projection_seed: int = 0, chunk_size: int = 25, covered: str = "all"):
+               projection_seed: int = 0, chunk_size: int = 25, covered: str = "all",
+               wrt=None):
   """``features(images [B, H, W, C]) -> Φ [B, k]`` for the cache's full-data model.
 
   ``covered="kernels"`` projects the gradient of the Conv/Linear kernels only (the
   parameters the structured projection covers), holding biases and norms fixed.
+  ``wrt``: the ``jattr.wrt`` selector of the parameters differentiated (within
+  ``covered``'s); ``None``: all.
   """
   if covered not in ("all", "kernels"):
     raise ValueError(f"covered must be 'all' or 'kernels', got {covered!r}")
@@ -81,7 +89,8 @@ def feature_fn(cache, *, measurement: str = "loss", num_draws: int = 10, draw_se
 
   def features(images):
     images = jnp.asarray(images, _dtype(cache.full_params))
-    return featurize(fn, params, images, config, chunk_size=min(chunk_size, images.shape[0]))
+    return featurize(fn, params, images, config, chunk_size=min(chunk_size, images.shape[0]),
+                     wrt=wrt)
 
   return features
 
@@ -89,12 +98,13 @@ def feature_fn(cache, *, measurement: str = "loss", num_draws: int = 10, draw_se
 def structured_feature_fn(cache, *, measurement: str = "loss", num_draws: int = 10,
                           draw_seed: int = 1, timesteps: str = "uniform", dim_in: int = 20,
                           dim_out: int = 8, kind: str = "rademacher", projection_seed: int = 0,
-                          chunk_size: int = 25):
+                          chunk_size: int = 25, wrt=None):
   """``features(images) -> Φ [B, L·k_in·k_out]``: Kronecker-projected kernel gradients.
 
   The cache's UNet is rebuilt with its kernels routed through the structured
   projection's ``layer`` (``jattr.models.make_layered_apply_fn``); L is its number
-  of Conv/Linear layers (26 for the digits benchmark UNet).
+  of Conv/Linear layers (26 for the digits benchmark UNet). ``wrt`` selects layers
+  by their ``layer`` names (``jattr.features.structured``); ``None``: all.
   """
   layered = models.make_layered_apply_fn(
       unet_config(cache.spec, tuple(cache.train_images.shape[1:])))
@@ -109,7 +119,7 @@ def structured_feature_fn(cache, *, measurement: str = "loss", num_draws: int = 
   def features(images):
     images = jnp.asarray(images, _dtype(cache.full_params))
     return structured_featurize(fn, params, images, config,
-                                chunk_size=min(chunk_size, images.shape[0]))
+                                chunk_size=min(chunk_size, images.shape[0]), wrt=wrt)
 
   return features
 

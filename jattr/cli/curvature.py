@@ -22,7 +22,7 @@ def cmd_fit_curvature(args):
       damping=args.damping, estimation_mode=args.estimation_mode, num_samples=args.num_samples,
       seed=args.seed, batch_size=args.batch_size, grad_batch_size=args.grad_batch_size,
       chunk_size=args.chunk_size, max_dense_params=args.max_dense_params,
-      overwrite=args.overwrite, progress=progress_for(args))
+      overwrite=args.overwrite, progress=progress_for(args), wrt=args.wrt)
   ws = f" ({meta['weight_sharing']})" if meta["weight_sharing"] else ""
   print(f"{meta['kind']}{ws} curvature of {meta['num_parameters']:,} parameters over "
         f"{meta['dataset']['num']} examples x {meta['draws']['num_draws']} draws -> {args.out} "
@@ -34,6 +34,8 @@ def cmd_influence(args):
   guard.check_output_file(args.out, "--out", kind="influence", keys=workflow.INFLUENCE_KEYS)
   t0 = time.perf_counter()
   kw = {} if args.damping is None else {"damping": args.damping}
+  if args.wrt is not None:
+    kw["wrt"] = args.wrt
   tau, info = influence_run(args.run, args.curvature, measurement=args.measurement,
                             time_=args.time, queries=args.queries, tile_size=args.tile_size,
                             chunk_size=args.chunk_size, progress=progress_for(args), **kw)
@@ -74,6 +76,8 @@ def add_parsers(sub) -> None:
   p.add_argument("--chunk-size", type=flags.positive_int, help="GGN rows per vmap in those passes")
   p.add_argument("--max-dense-params", type=flags.positive_int, default=MAX_DENSE_PARAMS,
                  help="largest P --approx dense accepts (default: %(default)s)")
+  flags.wrt(p, help=flags.WRT_HELP.replace("attribute", "fit the curvature", 1)
+            + "; recorded with the curvature, which `jattr influence` then uses")
   p.add_argument("--overwrite", action="store_true", help="replace a curvature in --out")
   flags.quiet(p)
   p.set_defaults(func=cmd_fit_curvature)
@@ -93,6 +97,8 @@ def add_parsers(sub) -> None:
                  help="training examples per gradient tile (default: %(default)s)")
   p.add_argument("--chunk-size", type=flags.positive_int,
                  help="examples per vmap (default: the most whose gradients fit 1 GiB)")
+  flags.wrt(p, help="regular expression on parameter paths of the gradients (default: the "
+                    "selection the curvature was fitted with; another one is refused)")
   p.add_argument("--out", required=True, help="output .npz")
   flags.quiet(p)
   p.set_defaults(func=cmd_influence)

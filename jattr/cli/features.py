@@ -54,6 +54,8 @@ def add_parsers(sub) -> None:
   p.add_argument("--proj-seed", type=int, help="seed of the projection (default: 0)")
   p.add_argument("--block-size", type=flags.positive_int,
                  help="rows of P regenerated at a time (default: 1024)")
+  flags.wrt(p, help=flags.WRT_HELP.replace("(jattr.wrt;", "(jattr.wrt; with --like: the "
+                                           "train store's;"))
   p.add_argument("--chunk-size", type=flags.positive_int,
                  help="examples whose gradients exist at once (default: the most that fit "
                       "1 GiB, at most --store-chunk-rows)")

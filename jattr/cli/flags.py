@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 from jattr.runs import QUERIES
 
@@ -61,6 +62,27 @@ def positive_float(text: str) -> float:
   return _number(text, 0.0, strict=True)
 
 
+def regex(text: str) -> str:
+  """An argparse type: a regular expression that compiles."""
+  try:
+    re.compile(text)
+  except re.error as e:
+    raise argparse.ArgumentTypeError(f"not a regular expression ({e}): {text!r}") from None
+  return text
+
+
+WRT_HELP = ("attribute with respect to the parameters whose paths (keys joined by '/', e.g. "
+            "'up/0/conv/kernel') match this regular expression, the others held fixed "
+            "(jattr.wrt; default: all parameters)")
+
+
+def wrt(p: argparse.ArgumentParser, *aliases: str, help: str = WRT_HELP) -> None:
+  """``--wrt REGEX``: the ``jattr.wrt`` selector of the parameters attributed with
+  (``args.wrt``, None when not given). ``aliases``: older names of the same flag."""
+  p.add_argument("--wrt", *aliases, dest="wrt", type=regex, default=None, metavar="REGEX",
+                 help=help)
+
+
 def run_dir(p: argparse.ArgumentParser, name: str = "--run") -> None:
   """The run directory a command reads."""
   p.add_argument(name, default=DEFAULT_RUN, help="run directory (default: %(default)s)")
@@ -109,6 +131,8 @@ def run_config(p: argparse.ArgumentParser, default_out: str = DEFAULT_RUN) -> No
   p.add_argument("--seed", type=int, help="model seed")
   p.add_argument("--num-samples", type=positive_int)
   p.add_argument("--sampler", choices=["ddpm", "ddim"])
+  wrt(p, help=WRT_HELP.replace("attribute", "attribute the samples", 1)
+      + "; sets attribution.wrt of the run config")
   quiet(p)
 
 
@@ -119,3 +143,6 @@ def experiment_config(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data-dir", default=None, help="override the config's data_dir")
   p.add_argument("--results", default=None, help="where to write the JSON record")
   p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+  wrt(p, help="score every gradient and curvature method with respect to the parameters "
+              "whose paths match this regular expression (jattr.wrt; reported as "
+              "'METHOD[wrt=REGEX]'; default: the methods' own, all parameters)")

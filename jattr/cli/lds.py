@@ -52,7 +52,7 @@ def _config(args) -> dict:
 def cmd_lds(args) -> dict:
   scores = parse_scores(args.scores)
   return run_lds(_config(args), methods=args.method, scores=scores,
-                 results_path=args.results, progress=progress_for(args))
+                 results_path=args.results, progress=progress_for(args), wrt=args.wrt)
 
 
 def cmd_counterfactual(args) -> dict:
@@ -62,7 +62,8 @@ def cmd_counterfactual(args) -> dict:
   return run_counterfactual(config, method=args.method, scores=args.scores,
                             chosen_from=args.chosen_from, num_queries=args.num_queries,
                             ks=args.ks, random_seed=args.random_seed,
-                            results_path=args.results, progress=progress_for(args))
+                            results_path=args.results, progress=progress_for(args),
+                            wrt=args.wrt)
 
 
 def add_parsers(sub) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 
 from jattr.cli import flags
 from jattr.methods.mucs import MUCS_VARIANTS
@@ -18,16 +17,11 @@ CONFIG_FLAGS = {"steps": "num_steps", "lr": "learning_rate", "optimizer": "optim
 
 
 def cmd_mucs(args):
-  if args.trainable is not None:
-    try:
-      re.compile(args.trainable)
-    except re.error as e:
-      raise ValueError(f"--trainable {args.trainable!r} is not a regular expression: {e}") from None
   tau, info = mucs_run(
       args.run, args.out, variant=args.variant, queries=args.queries,
       queries_file=args.queries_file, num_queries=args.num_queries,
       config_overrides={field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()},
-      trainable=args.trainable, num_draws=args.num_draws, timesteps=args.timesteps,
+      trainable=args.wrt, num_draws=args.num_draws, timesteps=args.timesteps,
       draw_seed=args.draw_seed, null_models=args.null_models, seed=args.seed,
       skew_constant=args.skew_constant, query_chunk=args.query_chunk,
       train_chunk=args.train_chunk)
@@ -62,7 +56,8 @@ def add_parsers(sub) -> None:
                  help="stop once L_forget >= ratio * L_null")
   p.add_argument("--ewc-weight", type=flags.nonneg_float,
                  help="gamma of the EWC penalty (baseline)")
-  p.add_argument("--trainable", help="regex on parameter paths that may move (default: all)")
+  flags.wrt(p, "--trainable", help="regex on parameter paths that may move: the parameters "
+                                  "attributed with (jattr.wrt; default: all)")
   flags.draws(p)
   p.add_argument("--null-models", type=flags.positive_int, default=4,
                  help="freshly initialised models averaged for L_null (default: %(default)s)")

@@ -43,6 +43,9 @@ def config_from_args(args) -> RunConfig:
         raise ValueError(f"--model {args.model!r}: {e}") from None
     if tr:
       cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **tr))
+    if getattr(args, "wrt", None) is not None:
+      cfg = dataclasses.replace(cfg, attribution=dataclasses.replace(cfg.attribution,
+                                                                     wrt=args.wrt))
   except guard.ConfigError as e:
     flag = FLAG_OF.get(e.key)
     given = f" (with the flags given, on {args.config})" if args.config else ""
@@ -71,13 +74,13 @@ def cmd_sample(args) -> None:
 def cmd_attribute(args) -> None:
   guard.check_writable(args.run, "--run")  # the report goes into the run directory
   t0 = time.perf_counter()
-  page = attribute_run(args.run, progress=progress_for(args))
+  page = attribute_run(args.run, progress=progress_for(args), wrt=getattr(args, "wrt", None))
   print(f"attributed samples in {time.perf_counter() - t0:.0f} s; report: {page}")
 
 
 def cmd_run(args) -> None:
   cmd_train(args)
-  args.run, args.num, args.seed = args.out, None, None
+  args.run, args.num, args.seed, args.wrt = args.out, None, None, None  # wrt: in the config
   cmd_sample(args)
   cmd_attribute(args)
 
@@ -98,6 +101,8 @@ def add_parsers(sub) -> None:
   p.set_defaults(func=cmd_sample)
   p = sub.add_parser("attribute", help="attribute a run's samples (D-TRAK) and write a report")
   flags.run_dir(p)
+  flags.wrt(p, help=flags.WRT_HELP.replace("default: all parameters", "default: the run "
+                                           "config's attribution.wrt, else all parameters"))
   flags.quiet(p)
   p.set_defaults(func=cmd_attribute)
 

@@ -16,6 +16,11 @@ costs two [P, P] products per vector and any λ costs a rescaling, where a solve
 0.1 × the mean eigenvalue, 0.1·tr(G)/P, as for every curvature of jattr.
 
 Memory is P² (G) plus P² (U): the limit is ``MAX_DENSE_PARAMS``.
+
+With ``wrt`` (``jattr.wrt``) G is the GGN in the selected parameters θ_S alone,
+the others held fixed: J_ik = ∂f/∂θ_S [D, P_S] and G [P_S, P_S], rows in the
+``ravel_pytree`` order of ``jattr.wrt.split(params, wrt)`` — the [S, S] block of
+the full G.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from jattr.diffusion.schedules import Schedule
 from jattr.progress import Progress
 from jattr.progress import resolve as resolve_progress
 from jattr.types import ApplyFn, Parameterization, Params
+from jattr.wrt import Selector, restrict
 
 MAX_DENSE_PARAMS = 20_000
 """The largest P the dense curvature is built for: G and U in float64 are 3 GiB each."""
@@ -111,7 +117,8 @@ def dense_state_inverse_vp(state: DenseState, v: Params, damping: float | None =
 
 
 def dense_ggn(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws, *,
-              batch_size: int | None = None, progress: Progress | None = None):
+              batch_size: int | None = None, progress: Progress | None = None,
+              wrt: Selector = None):
   """G as a dense [P, P] matrix, 2/(D N K) Σ_{i,k} J_ikᵀ J_ik (small models only).
 
   Rows and columns follow ``ravel_pytree(params)``. Run under float64 for a
@@ -125,11 +132,13 @@ def dense_ggn(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
     draws: the K fixed (t, ε) draws.
     batch_size: examples per batch (None: all N at once).
     progress: called after each batch (``jattr.progress``).
+    wrt: the parameters θ_S of G (module docstring; ``None``: all).
 
   Returns:
-    G, shape [P, P].
+    G, shape [P, P] (P = P_S with ``wrt``).
   """
   check_examples(x0, draws)
+  apply_fn, params = restrict(apply_fn, params, wrt)
   flat, unravel = ravel_pytree(params)
   dim = math.prod(x0.shape[1:])
   jacobian = jax.jacrev if dim < flat.size else jax.jacfwd
@@ -159,16 +168,20 @@ def dense_ggn(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
 
 
 def dense_hessian(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws,
-                  parameterization: Parameterization = "eps"):
+                  parameterization: Parameterization = "eps", *, wrt: Selector = None):
   """The exact Hessian ∇²L of ``training_loss`` as a dense [P, P] matrix.
 
   Equals ``dense_ggn`` when the model is linear in θ (or where the residuals
   f − y vanish); otherwise differs by the residual-weighted second derivatives
   of the network, which can make it indefinite.
 
+  ``wrt``: the Hessian in the selected parameters only (the [S, S] block), as for
+  ``dense_ggn``.
+
   Returns:
     ∇²L, shape [P, P], rows in ``ravel_pytree(params)`` order.
   """
+  apply_fn, params = restrict(apply_fn, params, wrt)
   flat, unravel = ravel_pytree(params)
   loss = lambda f, x0, draws: training_loss(apply_fn, unravel(f), schedule, x0, draws,
                                             parameterization)

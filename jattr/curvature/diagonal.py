@@ -27,6 +27,7 @@ from jattr.diffusion.draws import Draws
 from jattr.diffusion.schedules import Schedule
 from jattr.progress import Progress
 from jattr.types import ApplyFn, Parameterization, Params
+from jattr.wrt import Selector, restrict
 
 
 class DiagonalState(NamedTuple):
@@ -40,8 +41,13 @@ def fit_diagonal(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draw
                  key: jax.Array | None = None, num_samples: int = 1, batch_size: int | None = None,
                  chunk_size: int | None = None,
                  parameterization: Parameterization = "eps",
-                 progress: Progress | None = None) -> DiagonalState:
+                 progress: Progress | None = None, wrt: Selector = None) -> DiagonalState:
   """diag(G) = 1/(N K) Σ_r γ_r², accumulated ``batch_size`` examples at a time.
+
+  With ``wrt`` (``jattr.wrt``) only the selected leaves θ_S are differentiated (the
+  others held fixed): the state is diag(G) on θ_S, shaped like
+  ``jattr.wrt.split(params, wrt)`` (``None`` at the unselected leaves), the entries
+  of the full diagonal there.
 
   Args:
     apply_fn, params, schedule: as in ``jattr.curvature.ggn``.
@@ -54,10 +60,12 @@ def fit_diagonal(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draw
     parameterization: only ``"fisher_empirical"`` uses it.
     progress: called after each batch with examples done, stage ``"diagonal"``
       (``jattr.progress``).
+    wrt: the parameters of the diagonal (``None``: all).
 
   Returns:
     A ``DiagonalState``.
   """
+  apply_fn, params = restrict(apply_fn, params, wrt)
   diag = accumulate_sqrt_grads(
       lambda rows, _: jax.tree.map(lambda g: jnp.sum(jnp.square(g), axis=0), rows), None,
       apply_fn, params, schedule, x0, draws, estimation_mode=estimation_mode, key=key,

@@ -4,7 +4,7 @@ K-FAC (``jattr.curvature.kfac``) approximates a layer's GGN block by A ⊗ G. It
 eigenvectors are Q_A ⊗ Q_G and its eigenvalues s_A,i s_G,j. EK-FAC keeps the
 eigenvectors and replaces the eigenvalues by the exact second moments of the GGN
 rows in that basis: with a layer's row γ_r laid out as a matrix M_r [d_in(+1), d_out]
-(kfac-jax's layout; in the d_out × d_in convention for W it is Q_Gᵀ ∇W Q_A,
+(``kfac.to_block_matrix``; in the d_out × d_in convention for W it is Q_Gᵀ ∇W Q_A,
 transposed),
 
     Λ_ij = 1/(N K) Σ_r ((Q_Aᵀ M_r Q_G)_ij)²,
@@ -16,11 +16,11 @@ Frobenius norm: ‖G_block − EKFAC‖_F ≤ ‖G_block − KFAC‖_F, always. 
 does not assume activations and output gradients are independent, and it needs no
 choice between "expand" and "reduce" for weight-shared layers beyond the basis:
 the rows M_r are the true per-example (per-draw, per-output) gradients, summed over
-positions. Blocks kfac-jax approximates diagonally get the exact GGN diagonal.
+positions. K-FAC's diagonal blocks (parameters outside dense and conv layers) get
+the exact GGN diagonal.
 
-What jattr adds over kfac-jax: kfac-jax 0.0.8 has no eigenvalue-corrected block;
-jattr takes its factors (``fit_kfac``), eigendecomposes them, and runs one extra
-pass over the training data with per-example GGN rows
+``fit_ekfac`` takes K-FAC's eigenbases (``fit_kfac``, which eigendecomposes its
+factors) and runs one extra pass over the training data with per-example GGN rows
 (``jattr.curvature.ggn.ggn_sqrt_grads``, built on ``jattr.grads.per_example``).
 
 State convention: ``fit_ekfac`` (expensive: one per-example-gradient pass) returns
@@ -44,6 +44,7 @@ from jattr.diffusion.draws import Draws
 from jattr.diffusion.schedules import Schedule
 from jattr.progress import Progress
 from jattr.types import ApplyFn, Parameterization, Params
+from jattr.wrt import Selector, restrict
 
 
 class EkfacBlock(NamedTuple):
@@ -67,7 +68,7 @@ class EkfacState:
 
   Attributes:
     blocks: one ``EkfacBlock`` (Kronecker layers) or ``kfac.DiagBlock`` (the exact
-      GGN diagonal of kfac-jax's diagonal blocks) per layer.
+      GGN diagonal of K-FAC's diagonal blocks) per block.
     layout: the K-FAC state's static layout.
   """
 
@@ -80,7 +81,7 @@ def fit_ekfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
               estimation_mode: EstimationMode = DEFAULT_ESTIMATION_MODE,
               key: jax.Array | None = None, num_samples: int = 1,
               batch_size: int | None = None, chunk_size: int | None = None,
-              parameterization: Parameterization = "eps",
+              parameterization: Parameterization = "eps", wrt: Selector = None,
               progress: Progress | None = None) -> EkfacState:
   """Refits K-FAC's eigenvalues to the second moments of the GGN rows.
 
@@ -95,6 +96,7 @@ def fit_ekfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
     batch_size: examples per pass (memory: batch_size·K·rows·P).
     chunk_size: rows per ``vmap`` inside a pass.
     parameterization: only ``"fisher_empirical"`` uses it.
+    wrt: the parameter selection (``jattr.wrt``): the same as ``fit_kfac``'s.
     progress: called after each batch with examples done, stage ``"ekfac"``
       (``jattr.progress``).
 
@@ -104,6 +106,7 @@ def fit_ekfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
   if not isinstance(kfac_state, KfacState):
     raise TypeError("kfac_state must be a KfacState from fit_kfac, got "
                     f"{type(kfac_state).__name__}")
+  apply_fn, params = restrict(apply_fn, params, wrt)
   layout = kfac_state.layout
   check_vector(layout, params, name="params")
   bases = tuple((b.a_eigvecs, b.g_eigvecs) if lay.kind == "kronecker" else None

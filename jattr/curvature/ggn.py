@@ -213,7 +213,7 @@ def ggn_sqrt_grads(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, dr
                    estimation_mode: EstimationMode = DEFAULT_ESTIMATION_MODE,
                    key: jax.Array | None = None, num_samples: int = 1,
                    parameterization: Parameterization = "eps", chunk_size: int | None = None,
-                   wrt: tuple[int, ...] | None = None):
+                   leaf_indices: tuple[int, ...] | None = None):
   """Square-root rows γ_r = J_ikᵀ u_r of G for the examples ``x0``.
 
   Over the whole training set, G = 1/(N K) Σ_r γ_r γ_rᵀ, exactly for
@@ -235,24 +235,24 @@ def ggn_sqrt_grads(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, dr
     num_samples: S, rows per example-draw for the sampled modes.
     parameterization: needed by ``"fisher_empirical"`` (the target y).
     chunk_size: rows per ``vmap``; ``None``: all rows at once.
-    wrt: optional indices into ``jax.tree.leaves(params)``: rows of those leaves
-      only (the gradient is taken with respect to them alone).
+    leaf_indices: optional indices into ``jax.tree.leaves(params)``: rows of those
+      leaves only (the gradient is taken with respect to them alone).
 
   Returns:
-    A params-like pytree (a tuple of the ``wrt`` leaves if given) with a leading
+    A params-like pytree (a tuple of the ``leaf_indices`` leaves if given) with a leading
     axis of n·K·R rows, R = D (``"ggn_exact"``), S (sampled) or 1
     (``"fisher_empirical"``); rows are example-major, then draw, then r.
   """
   check_estimation_mode(estimation_mode)
-  _check_sampling(estimation_mode, key, num_samples)
+  check_sampling(estimation_mode, key, num_samples)
   rows = _sqrt_rows(params, x0, draws, key, apply_fn=apply_fn, schedule=schedule,
                     estimation_mode=estimation_mode, num_samples=int(num_samples),
                     parameterization=parameterization)
-  return apply_chunks(_SqrtGradRows(apply_fn, schedule, wrt), params, rows,
+  return apply_chunks(_SqrtGradRows(apply_fn, schedule, leaf_indices), params, rows,
                       chunk_size=chunk_size, desc="GGN rows")
 
 
-def _check_sampling(estimation_mode, key, num_samples) -> None:
+def check_sampling(estimation_mode, key, num_samples) -> None:
   if estimation_mode in ("ggn_curvature_prop", "fisher_gradients"):
     if key is None:
       raise ValueError(f"estimation_mode={estimation_mode!r} samples and needs a key, got None")
@@ -262,9 +262,14 @@ def _check_sampling(estimation_mode, key, num_samples) -> None:
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "schedule", "estimation_mode",
                                              "num_samples", "parameterization"))
-def _sqrt_rows(params, x0, draws, key, *, apply_fn, schedule, estimation_mode, num_samples,
-               parameterization):
-  """The inputs of the rows γ_r = J_ikᵀ u_r: (x0, t, eps, u) per row, example-major."""
+def pair_cotangents(params, x0, draws, key, *, apply_fn, schedule, estimation_mode,
+                    num_samples, parameterization):
+  """Every (example, draw) pair with its output cotangents u_r (``ESTIMATION_MODES``).
+
+  Returns:
+    ``(x0 [P, ...], t [P], eps [P, ...], u [P, R, D])`` for the P = n·K pairs
+    (example-major), R = D, S or 1 rows per pair: G = 1/(N K) Σ_pairs Σ_r J ᵀu_r u_rᵀ J.
+  """
   xb, tb, eb = example_draw_pairs(x0, draws)
   pairs = xb.shape[0]
   dim = math.prod(x0.shape[1:])
@@ -282,7 +287,18 @@ def _sqrt_rows(params, x0, draws, key, *, apply_fn, schedule, estimation_mode, n
     else:
       r = jax.random.normal(key, shape, dtype=dtype)
     u = jnp.sqrt(2.0 / (dim * num_samples)) * r
-  per_pair = u.shape[1]
+  return xb, tb, eb, u
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "schedule", "estimation_mode",
+                                             "num_samples", "parameterization"))
+def _sqrt_rows(params, x0, draws, key, *, apply_fn, schedule, estimation_mode, num_samples,
+               parameterization):
+  """The inputs of the rows γ_r = J_ikᵀ u_r: (x0, t, eps, u) per row, example-major."""
+  xb, tb, eb, u = pair_cotangents(params, x0, draws, key, apply_fn=apply_fn, schedule=schedule,
+                                  estimation_mode=estimation_mode, num_samples=num_samples,
+                                  parameterization=parameterization)
+  pairs, per_pair, dim = u.shape
   return (jnp.repeat(xb, per_pair, axis=0), jnp.repeat(tb, per_pair),
           jnp.repeat(eb, per_pair, axis=0), u.reshape(pairs * per_pair, dim))
 
@@ -290,11 +306,11 @@ def _sqrt_rows(params, x0, draws, key, *, apply_fn, schedule, estimation_mode, n
 @dataclasses.dataclass(frozen=True)
 class _SqrtGradRows:
   """The chunk kernel of ``ggn_sqrt_grads``: γ_r = ∇_θ u_rᵀ f(θ; row r) for a chunk of rows
-  (with respect to the ``wrt`` leaves only, if given)."""
+  (with respect to the ``leaf_indices`` leaves only, if given)."""
 
   apply_fn: ApplyFn
   schedule: Schedule
-  wrt: tuple[int, ...] | None = None
+  leaf_indices: tuple[int, ...] | None = None
 
   def projected_output(self, p, row):
     x0_r, t_r, eps_r, u_r = row
@@ -302,18 +318,18 @@ class _SqrtGradRows:
     return jnp.vdot(u_r, out.reshape(-1))
 
   def __call__(self, p, rows):
-    if self.wrt is None:
+    if self.leaf_indices is None:
       return jax.vmap(jax.grad(self.projected_output), in_axes=(None, 0))(p, rows)
     leaves, treedef = jax.tree.flatten(p)
 
     def sub_output(sub, row):
       full = list(leaves)
-      for i, x in zip(self.wrt, sub):
+      for i, x in zip(self.leaf_indices, sub):
         full[i] = x
       return self.projected_output(jax.tree.unflatten(treedef, full), row)
 
     return jax.vmap(jax.grad(sub_output), in_axes=(None, 0))(
-        tuple(leaves[i] for i in self.wrt), rows)
+        tuple(leaves[i] for i in self.leaf_indices), rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +353,7 @@ def accumulate_sqrt_grads(reduce_fn: Callable, aux, apply_fn: ApplyFn, params: P
                           key: jax.Array | None = None, num_samples: int = 1,
                           batch_size: int | None = None, chunk_size: int | None = None,
                           parameterization: Parameterization = "eps",
-                          wrt: tuple[int, ...] | None = None,
+                          leaf_indices: tuple[int, ...] | None = None,
                           progress: Progress | None = None, desc: str = "GGN statistics"):
   """1/(N K) Σ_r reduce_fn(rows, aux) over the ``ggn_sqrt_grads`` rows of all of x0.
 
@@ -359,7 +375,7 @@ def accumulate_sqrt_grads(reduce_fn: Callable, aux, apply_fn: ApplyFn, params: P
     reduce_fn: ``reduce_fn(rows, aux)`` summing over the leading (row) axis.
     aux: any pytree of arrays ``reduce_fn`` needs.
     apply_fn, params, schedule, draws, estimation_mode, num_samples,
-      parameterization, wrt: as in ``ggn_sqrt_grads``.
+      parameterization, leaf_indices: as in ``ggn_sqrt_grads``.
     x0: training images [N, H, W, C].
     key: PRNG key of the sampled modes (``None``: a fixed key 0); batch b uses
       ``fold_in(key, b)``.
@@ -380,11 +396,11 @@ def accumulate_sqrt_grads(reduce_fn: Callable, aux, apply_fn: ApplyFn, params: P
   if chunk_size is not None and int(chunk_size) < 1:
     raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
   key = jax.random.PRNGKey(0) if key is None else key
-  _check_sampling(estimation_mode, key, num_samples)
+  check_sampling(estimation_mode, key, num_samples)
   report = resolve_progress(progress)
   options = dict(apply_fn=apply_fn, schedule=schedule, estimation_mode=estimation_mode,
                  num_samples=int(num_samples), parameterization=parameterization)
-  kernel = _ReducedSqrtGrads(_SqrtGradRows(apply_fn, schedule, wrt), reduce_fn)
+  kernel = _ReducedSqrtGrads(_SqrtGradRows(apply_fn, schedule, leaf_indices), reduce_fn)
 
   @jax.jit
   def one_batch(p, aux, xb, rng):

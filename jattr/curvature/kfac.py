@@ -1,4 +1,4 @@
-"""K-FAC for the diffusion training loss, built on kfac-jax.
+"""K-FAC for the diffusion training loss, on jattr's own layer registry.
 
 For a dense layer s = W a (W: d_out × d_in; a bias is an extra input fixed at 1),
 the rows of the GGN (``jattr.curvature.ggn``) restricted to W are outer products,
@@ -8,10 +8,11 @@ block of G is
     G_W = E[(a aᵀ) ⊗ (g gᵀ)] ≈ E[a aᵀ] ⊗ E[g gᵀ] = A ⊗ G,
 
 the expectation running over the N·K (example, draw) pairs and, inside each
-pair, over the D output coordinates (``"ggn_exact"``, g summed over them) or
-random output vectors (the sampled modes). The approximation treats activations
-and output gradients as independent; it is exact when either side is constant
-(one example-draw; or a last linear layer, whose g is the same for every example).
+pair, over the output cotangents u_r (``"ggn_exact"``: √(2/D)·e_o for every output
+coordinate; the sampled modes: random vectors; ``ggn.ESTIMATION_MODES``). The
+approximation treats activations and output gradients as independent; it is exact
+when either side is constant (one example-draw; or a last linear layer, whose g is
+the same for every example).
 
 **Weight sharing** (conv, a dense layer applied at R positions of a sequence or
 image, attention): the per-example row is a sum over positions,
@@ -20,65 +21,67 @@ image, attention): the per-example row is a sum over positions,
 * ``"expand"`` (positions as extra examples):
   A = E_n[(1/R) Σ_r a_r a_rᵀ],  G = E_n[Σ_r g_r g_rᵀ]. Exact for a linear layer
   whose R outputs are separate terms of the loss (a per-pixel layer under the
-  per-pixel MSE). This is what kfac-jax computes (``Conv2DTwoKroneckerFactored``
-  scales by the number of locations, ``RepeatedDenseKroneckerFactored`` by 1/R);
-  for convolutions ``fit_kfac`` registers ``Conv2DExpand``, the same factors with
-  A from explicit patches (18× faster than kfac-jax's on XLA:CPU for the digits UNet).
+  per-pixel MSE). kfac-jax's conv and repeated-dense blocks compute the same.
 * ``"reduce"`` (positions pooled first):
   A = E_n[ā āᵀ] with ā = (1/R) Σ_r a_r,  G = E_n[g̃ g̃ᵀ] with g̃ = Σ_r g_r. Exact
   when the R outputs are pooled before the loss; cheaper (one outer product per
-  example instead of R). kfac-jax has no such block: ``fit_kfac`` registers the
-  two below (``RepeatedDenseReduce``, ``Conv2DReduce``).
+  example instead of R).
 
-Layers are found by kfac-jax's graph matcher (``auto_register_tags``): dense,
-repeated dense and 2-D convolutions (``lax.conv_general_dilated`` only: use
-``conv_impl="xla"`` for jattr's UNet, whose CPU default im2col convolutions are not
-recognised) get Kronecker blocks; scale-and-shift parameters (normalisation layers)
-and anything unmatched ("generic") get diagonal blocks. The loss is registered on the network output with
-``kfac_jax.register_squared_error_loss(f, y, weight=1/D)``, i.e. kfac-jax's
-``weight · Σ_pixels (y − f)² / batch_size`` convention with the 1/D of jattr's
-mean over pixels in ``weight``; its output Hessian is then 2·weight·I = (2/D)·I,
-the H_out of ``ggn.py``, and the curvature is the GGN G of the training loss.
+**Layers** come from ``jattr.layer_registry``: every ``dot_general`` or
+``conv_general_dilated`` whose weight is a parameter leaf, in any framework (flax
+NNX or linen, equinox, plain JAX; jattr's UNet with either conv implementation),
+gets a Kronecker block named by the weight's path, with the bias added to its output
+as the constant input 1; a LoRA adapter W + c·A B gets one block for A (inputs a,
+output cotangents c B g) and one for B (inputs c Aᵀ a, cotangents g). Every other
+leaf (normalisation scales and shifts, embeddings, unmatched weights, with a
+warning naming each weight's path and the reason) gets the exact GGN diagonal
+Σ_r γ_r² / (N K) from the same pass. The statistics come from one forward pass per
+pair, with the inputs a of every layer recorded, and one vjp per cotangent u_r
+with respect to perturbations of the layer outputs (``layer_registry.instrument``),
+never a per-example parameter gradient.
 
-The factors are an exact average over all N·K pairs, not a moving average: every
-batch is folded in with ``ema_old=1, ema_new=batch_size`` so kfac-jax's
-``WeightedMovingAverage`` becomes a running mean weighted by pair counts.
+``backend="kfac_jax"`` computes the factors with kfac-jax's graph matcher instead
+(``jattr.curvature.kfac_jax_backend``; the optional ``kfac`` extra, on the stack
+where kfac-jax runs), the cross-check the tests compare against.
+
+The factors are an exact average over all N·K pairs (no moving average).
 
 State convention: ``fit_kfac`` (expensive, once) returns a ``KfacState`` holding
-per block the factors, already multiplied by kfac-jax's block scale, and their
-eigendecompositions A = Q_A diag(s_A) Q_Aᵀ, G = Q_G diag(s_G) Q_Gᵀ (reused by
-EK-FAC); ``kfac_inverse_vp`` (cheap, per vector) applies (A ⊗ G + λ I)⁻¹.
-Kronecker blocks act on a parameter block laid out as a matrix M [d_in(+1), d_out]
-(kfac-jax's layout: kernels flattened to [·, d_out], the bias as a last row), as
-(A ⊗ G) M = A M G.
+per block the factors and their eigendecompositions A = Q_A diag(s_A) Q_Aᵀ,
+G = Q_G diag(s_G) Q_Gᵀ (reused by EK-FAC); ``kfac_inverse_vp`` (cheap, per vector)
+applies (A ⊗ G + λ I)⁻¹. Kronecker blocks act on a parameter block laid out as a
+matrix M [d_in(+1), d_out] (each leaf laid out by its layout ops, the bias as a last
+row), as (A ⊗ G) M = A M G.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import kfac_jax
 import numpy as np
 
 from jattr import host_memory
-from jattr.curvature.kfac_blocks import Conv2DExpand, Conv2DReduce, RepeatedDenseReduce
-from jattr.curvature.ggn import (DEFAULT_ESTIMATION_MODE, EstimationMode,
-                                 accumulate_sqrt_grads, check_damping, check_estimation_mode,
-                                 check_examples, example_draw_pairs)
+from jattr.curvature.ggn import (DEFAULT_ESTIMATION_MODE, EstimationMode, check_damping,
+                                 check_estimation_mode, check_examples, check_sampling,
+                                 pair_cotangents)
 from jattr.diffusion.draws import Draws
-from jattr.diffusion.losses import target
 from jattr.diffusion.schedules import Schedule, q_sample
+from jattr.grads.per_example import sum_chunks
+from jattr.layer_registry import (Registry, apply_ops, describe_unmatched, find_layers,
+                                  input_rows, instrument, invert_ops, output_rows,
+                                  zero_perturbations)
 from jattr.progress import Progress
 from jattr.progress import resolve as resolve_progress
 from jattr.types import ApplyFn, Parameterization, Params
+from jattr.wrt import Selector, restrict
 
 WEIGHT_SHARING = ("expand", "reduce")
+BACKENDS = ("native", "kfac_jax")
 DEFAULT_DAMPING_FACTOR = 0.1
 """Default damping λ = 0.1 × the mean eigenvalue of each block's curvature."""
 
@@ -87,14 +90,16 @@ class BlockLayout(NamedTuple):
   """Static description of one curvature block (hashable; not saved as data).
 
   Attributes:
-    name: kfac-jax's name of the layer tag.
+    name: the path of the block's first leaf (``jattr.wrt.param_paths``).
     kind: ``"kronecker"`` (factors A, G) or ``"diagonal"`` (one diagonal per leaf).
     leaf_indices: indices into ``jax.tree.leaves(params)`` of the block's
       parameters, in the layer's order (kernel, then bias).
     leaf_shapes: their shapes.
-    specs: for Kronecker blocks, kfac-jax's rearrange strings (e.g.
-      ``"abcd -> (abc)d"``, ``"a -> 1a"``): each leaf is reshaped to
-      [·, d_out] and the pieces are stacked row-wise in leaf order.
+    specs: for Kronecker blocks, per leaf the layout ops taking it to its rows of
+      the block matrix, [·, d_out] (``("transpose", perm)`` / ``("reshape", shape)``,
+      ``jattr.layer_registry.apply_ops``); the pieces are stacked row-wise in leaf
+      order. A string (files written before the native K-FAC, kfac-jax's
+      rearrange spec) means reshape to [·, d_out].
     matrix_shape: for Kronecker blocks, (d_in(+1), d_out); ``()`` otherwise.
   """
 
@@ -102,7 +107,7 @@ class BlockLayout(NamedTuple):
   kind: str
   leaf_indices: tuple[int, ...]
   leaf_shapes: tuple[tuple[int, ...], ...]
-  specs: tuple[str, ...]
+  specs: tuple
   matrix_shape: tuple[int, ...]
 
 
@@ -111,7 +116,7 @@ class KronBlock(NamedTuple):
 
   Attributes:
     a: input factor A, [d_in(+1), d_in(+1)].
-    g: output factor G (kfac-jax's block scale folded in), [d_out, d_out].
+    g: output factor G, [d_out, d_out].
     a_eigvals, a_eigvecs: s_A [d_in(+1)] (clipped at 0) and Q_A (columns).
     g_eigvals, g_eigvecs: s_G [d_out] and Q_G.
   """
@@ -136,7 +141,7 @@ class KfacState:
   """The fitted K-FAC curvature: a pytree of factors plus a static layout.
 
   Attributes:
-    blocks: one ``KronBlock`` or ``DiagBlock`` per layer, in kfac-jax's order.
+    blocks: one ``KronBlock`` or ``DiagBlock`` per block, Kronecker blocks first.
     layout: one ``BlockLayout`` per block (static pytree metadata: saving the
       state saves only the arrays; restoring needs a state of the same model as
       the target structure, e.g. ``fit_kfac`` on one example).
@@ -145,46 +150,6 @@ class KfacState:
   blocks: tuple
   layout: tuple = dataclasses.field(metadata=dict(static=True))
 
-
-def _kfac_loss_fn(apply_fn: ApplyFn, schedule: Schedule, parameterization: Parameterization,
-                  dim: int):
-
-  def loss_fn(params, batch):
-    x0, t, eps = batch
-    out = apply_fn(params, q_sample(schedule, x0, t, eps), t)
-    y = target(schedule, x0, t, eps, parameterization)
-    b = out.shape[0]
-    kfac_jax.register_squared_error_loss(out.reshape(b, -1), y.reshape(b, -1), weight=1.0 / dim)
-    return jnp.mean(jnp.square(out - y))
-
-  return loss_fn
-
-
-def _is_reshape_spec(spec: str) -> bool:
-  in_str, out_str = (s.replace(" ", "") for s in spec.split("->"))
-  return [c for c in out_str if c.isalpha()] == list(in_str)
-
-
-def _layout(estimator: kfac_jax.BlockDiagonalCurvature, params: Params) -> tuple:
-  leaves = jax.tree.leaves(params)
-  layout = []
-  for block, indices in zip(estimator.blocks, estimator.jaxpr.layer_indices):
-    shapes = tuple(tuple(leaves[i].shape) for i in indices)
-    if isinstance(block, kfac_jax.KroneckerFactored):
-      specs = tuple(block.parameters_specs)
-      if (len(block.array_shape) != 2 or block.parameters_concat_axis != 0
-          or not all(_is_reshape_spec(s) for s in specs)):
-        raise NotImplementedError(
-            f"kfac-jax block {block.name} has a layout jattr does not handle: "
-            f"specs={specs}, concat axis={block.parameters_concat_axis}, "
-            f"array shape={block.array_shape}")
-      layout.append(BlockLayout(block.name, "kronecker", tuple(indices), shapes, specs,
-                                tuple(block.array_shape)))
-    elif isinstance(block, kfac_jax.Diagonal):
-      layout.append(BlockLayout(block.name, "diagonal", tuple(indices), shapes, (), ()))
-    else:
-      raise NotImplementedError(f"kfac-jax block type {type(block).__name__} is not supported")
-  return tuple(layout)
 
 
 def _psd_eigh(m):
@@ -200,62 +165,188 @@ def kron_block(a, g) -> KronBlock:
   return KronBlock(a, g, sa, qa, sg, qg)
 
 
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """One site a Kronecker block's rows come from, and the block leaf's role there."""
+
+  site: int
+  role: str  # "weight", "lora_a" or "lora_b"
+
+
+@dataclasses.dataclass(frozen=True)
+class _KronPlan:
+  """A Kronecker block to accumulate: its leaf, bias, sites and matrix layout."""
+
+  leaf: int
+  bias: int | None
+  sources: tuple
+  ops: tuple
+  d_in: int
+  d_out: int
+
+
+def _plan(registry: Registry) -> tuple[tuple, tuple, dict]:
+  """(Kronecker plans, diagonal leaves, extra reasons): one block per registry leaf.
+
+  A weight used at several sites (weight sharing across calls) gets one block whose
+  positions are those of all its sites; it must have the same matrix layout at each.
+  """
+  groups: dict[int, list] = {}
+  for j, s in enumerate(registry.sites):
+    if s.weight is not None:
+      groups.setdefault(s.weight, []).append((j, "weight", s.weight_ops, s.d_in, s.d_out, s.bias))
+    if s.lora is not None:
+      a, b, _ = s.lora
+      rank = registry.shapes[a][1]
+      groups.setdefault(a, []).append((j, "lora_a", (), s.d_in, rank, None))
+      groups.setdefault(b, []).append((j, "lora_b", (), rank, s.d_out,
+                                       s.bias if s.weight is None else None))
+  plans, in_kron, reasons = [], set(), {}
+  for leaf in sorted(groups):
+    uses = groups[leaf]
+    ops, d_in, d_out = uses[0][2:5]
+    if any(u[2:5] != (ops, d_in, d_out) for u in uses):
+      reasons[leaf] = "used at layers with different matrix layouts"
+      continue
+    biases = {u[5] for u in uses}
+    bias = biases.pop() if len(biases) == 1 else None
+    plans.append(_KronPlan(leaf, bias, tuple(_Source(u[0], u[1]) for u in uses), ops, d_in,
+                           d_out))
+    in_kron.update(i for i in (leaf, bias) if i is not None)
+  diag = tuple(i for i in range(len(registry.shapes)) if i not in in_kron)
+  return tuple(plans), diag, reasons
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _KfacStats:
+  """The chunk kernel of the native ``fit_kfac``: Σ over a chunk of pairs of each
+  Kronecker block's (A, G) statistics and each diagonal leaf's Σ_r γ_r²."""
+
+  apply_fn: ApplyFn
+  schedule: Schedule
+  registry: Registry
+  plans: tuple
+  diag: tuple
+  weight_sharing: str
+
+  def __call__(self, args, chunk, mask):
+    (params,) = args
+    x0, t, eps, u = chunk
+    u = u * mask[:, None, None].astype(u.dtype)
+    run = instrument(self.registry)
+    leaves, treedef = jax.tree.flatten(params)
+    zeros = zero_perturbations(self.registry)
+
+    def pair(x0, t, eps, u):
+      xt = q_sample(self.schedule, x0[None], t[None], eps[None])
+
+      def f(zs, diag_leaves):
+        full = list(leaves)
+        for i, v in zip(self.diag, diag_leaves):
+          full[i] = v
+        out, inputs = run(jax.tree.unflatten(treedef, full), zs, xt, t[None])
+        return out.reshape(-1), inputs
+
+      _, vjp, inputs = jax.vjp(f, zeros, [leaves[i] for i in self.diag], has_aux=True)
+      dzs, dleaves = jax.vmap(vjp)(u)
+      return inputs, dzs, dleaves
+
+    inputs, dzs, dleaves = jax.vmap(pair)(x0, t, eps, u)
+    weight = mask.astype(u.dtype)
+    stats = []
+    for plan in self.plans:
+      a_parts, g_parts = [], []
+      for src in plan.sources:
+        site = self.registry.sites[src.site]
+        a = jax.vmap(lambda x, s=site: input_rows(s, x))(inputs[src.site])  # [C, R, d_in]
+        g = jax.vmap(jax.vmap(lambda y, s=site: output_rows(s, y)))(dzs[src.site])  # [C,U,R,d]
+        if src.role == "lora_a":  # ∂f/∂A = Σ a (c B g)ᵀ
+          _, ib, c = site.lora
+          g = c * g @ leaves[ib].T
+        elif src.role == "lora_b":  # ∂f/∂B = Σ (c Aᵀ a) gᵀ
+          ia, _, c = site.lora
+          a = c * a @ leaves[ia]
+        a_parts.append(a)
+        g_parts.append(g)
+      a = jnp.concatenate(a_parts, axis=1)
+      g = jnp.concatenate(g_parts, axis=2)
+      if plan.bias is not None:
+        a = jnp.concatenate([a, jnp.ones(a.shape[:2] + (1,), a.dtype)], axis=-1)
+      if self.weight_sharing == "expand":
+        stats.append((jnp.einsum("c,crd,cre->de", weight, a, a) / a.shape[1],
+                      jnp.einsum("curd,cure->de", g, g)))
+      else:
+        a_bar, g_sum = jnp.mean(a, axis=1), jnp.sum(g, axis=2)
+        stats.append((jnp.einsum("c,cd,ce->de", weight, a_bar, a_bar),
+                      jnp.einsum("cud,cue->de", g_sum, g_sum)))
+    return tuple(stats), tuple(jnp.sum(jnp.square(d), axis=(0, 1)) for d in dleaves)
+
+
+def kfac_registry(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws
+                  ) -> Registry:
+  """The layer registry ``fit_kfac`` uses: ``apply_fn`` traced on one example-draw."""
+  xt = q_sample(schedule, x0[:1], draws.t[:1], draws.eps[:1])
+  return find_layers(apply_fn, params, xt, draws.t[:1])
+
+
 def fit_kfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws, *,
              weight_sharing: str = "expand",
              estimation_mode: EstimationMode = DEFAULT_ESTIMATION_MODE,
              key: jax.Array | None = None, num_samples: int = 1, batch_size: int | None = None,
-             parameterization: Parameterization = "eps",
+             chunk_size: int | None = None, parameterization: Parameterization = "eps",
+             backend: str = "native", wrt: Selector = None,
              generic_diagonal: str = "per_example",
              progress: Progress | None = None) -> KfacState:
   """Accumulates the K-FAC factors of G over all N examples × K draws.
 
   Args:
-    apply_fn: ``apply_fn(params, x_t [B,H,W,C], t [B]) -> [B,H,W,C]``; its layers
-      are found by kfac-jax's graph matcher.
+    apply_fn: ``apply_fn(params, x_t [B,H,W,C], t [B]) -> [B,H,W,C]``, any framework;
+      its layers are found by ``jattr.layer_registry``.
     params: the parameters θ.
     schedule: the noise schedule.
     x0: training images [N, H, W, C].
     draws: the K fixed (t, ε) draws (the same draws as the training-side
       gradients of the influence scores).
-    weight_sharing: ``"expand"`` or ``"reduce"`` for conv and repeated dense
-      layers (see the module docstring).
-    estimation_mode: kfac-jax's estimation mode. ``"ggn_curvature_prop"``
-      (default: one Rademacher output vector per example-draw, unbiased; the
-      factors average it over all N·K pairs), ``"ggn_exact"`` (exact; D backward
-      passes per example-draw, unrolled in Python by kfac-jax: small outputs
-      only) or ``"fisher_gradients"`` (sampled targets, unbiased).
-      ``"fisher_empirical"`` raises: kfac-jax scales it by 1/batch_size.
-    key: PRNG key of the sampled modes (``None``: a fixed key 0).
-    num_samples: samples per example-draw for the sampled modes.
-    batch_size: examples per kfac-jax update (each with all K draws); ``None``
-      takes all N at once.
-    parameterization: how the output is read (the registered target; the GGN
-      does not depend on it).
-    generic_diagonal: parameters kfac-jax matches to no layer ("generic" tags,
-      e.g. an embedding table or a learned scalar) get its ``NaiveDiagonal``,
-      which squares the *batch-summed* gradient: it includes cross-example
-      terms, wrong under ``"ggn_exact"`` and noisy under the sampled modes.
-      ``"per_example"`` (default) recomputes their diagonal from per-example GGN
-      rows with respect to those leaves only (one more pass over the data, only
-      if such parameters exist); ``"kfac_jax"`` keeps kfac-jax's value.
-    progress: called after each kfac-jax update with examples done, stage
-      ``"kfac"``, and after each batch of that extra pass, stage
-      ``"kfac generic diagonal"`` (``jattr.progress``).
+    weight_sharing: ``"expand"`` or ``"reduce"`` for layers applied at several
+      positions (see the module docstring).
+    estimation_mode: how H_out is factored into cotangents (``ggn.ESTIMATION_MODES``):
+      ``"ggn_curvature_prop"`` (default: one Rademacher vector per example-draw,
+      unbiased), ``"ggn_exact"`` (D vjps per example-draw: small outputs and tests),
+      ``"fisher_gradients"`` or ``"fisher_empirical"``.
+    key: PRNG key of the sampled modes (``None``: a fixed key 0); batch b uses
+      ``fold_in(key, b)``.
+    num_samples: S, cotangents per example-draw for the sampled modes.
+    batch_size: examples per pass (each with all K draws; cotangents are drawn per
+      batch); ``None`` takes all N at once.
+    chunk_size: example-draw pairs per ``vmap`` inside a pass (memory: their
+      activations and R·U output cotangents per layer); ``None``: the whole batch.
+    parameterization: how the output is read (only ``"fisher_empirical"`` uses it).
+    backend: ``"native"`` (default) or ``"kfac_jax"`` (kfac-jax's graph matcher and
+      blocks; needs the ``kfac`` extra, and fails on jax >= 0.9.2).
+    wrt: the parameters to fit the curvature for (``jattr.wrt``); the others are held
+      fixed. The state then covers ``restrict(apply_fn, params, wrt)[1]``, the
+      vectors given to ``kfac_inverse_vp`` must be shaped like it.
+    generic_diagonal: ``backend="kfac_jax"`` only: ``"per_example"`` (default)
+      recomputes kfac-jax's diagonal blocks of unmatched ("generic") parameters
+      from per-example GGN rows, ``"kfac_jax"`` keeps kfac-jax's, which squares the
+      batch-summed gradient (cross-example terms included).
+    progress: called after each batch with examples done, stage ``"kfac"``
+      (``jattr.progress``).
 
   Returns:
     A ``KfacState``.
+
+  Warns:
+    UserWarning: naming each weight matrix or kernel (two or more axes) that gets
+    only a diagonal block, with the reason.
   """
   check_examples(x0, draws)
   check_estimation_mode(estimation_mode)
-  if estimation_mode == "fisher_empirical":
-    # kfac-jax divides the per-example cotangents by √batch before its blocks
-    # average over the batch: its G factor is the empirical Fisher / batch_size.
-    raise ValueError(
-        "estimation_mode='fisher_empirical' is not supported by fit_kfac: kfac-jax 0.0.8 "
-        "scales that G factor by 1/batch_size. Use a GGN mode here; fit_ekfac and "
-        "fit_diagonal support 'fisher_empirical' from per-example gradients.")
   if weight_sharing not in WEIGHT_SHARING:
     raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}, got {weight_sharing!r}")
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if generic_diagonal not in ("per_example", "kfac_jax"):
     raise ValueError("generic_diagonal must be 'per_example' or 'kfac_jax', got "
                      f"{generic_diagonal!r}")
@@ -263,80 +354,57 @@ def fit_kfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: D
   batch = n if batch_size is None else int(batch_size)
   if batch < 1:
     raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+  if chunk_size is not None and int(chunk_size) < 1:
+    raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
   key = jax.random.PRNGKey(0) if key is None else key
-  dim = math.prod(x0.shape[1:])
-  # kfac-jax's graph matcher compares avals including weak_type: a weakly typed
-  # leaf (e.g. jnp.full(shape, 0.3)) silently fails to match its layer pattern.
-  params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), params)
-  if weight_sharing == "expand":
-    # kfac-jax's default repeated-dense block treats positions whose output
-    # cotangent is exactly zero as padding and drops them, but still counts their
-    # bias input; "ggn_exact" cotangents (one output coordinate at a time) are zero
-    # at every other position, so the bias entry of A came out R times too large.
-    # Diffusion outputs have no padded positions: masking is off.
-    ctors = {"repeated_dense": functools.partial(kfac_jax.RepeatedDenseKroneckerFactored,
-                                                 use_masking=False),
-             "conv2d": Conv2DExpand}
-  else:
-    ctors = {"repeated_dense": RepeatedDenseReduce, "conv2d": Conv2DReduce}
-  estimator = kfac_jax.BlockDiagonalCurvature(
-      _kfac_loss_fn(apply_fn, schedule, parameterization, dim),
-      default_estimation_mode=estimation_mode, layer_tag_to_block_ctor=ctors,
-      num_samples=int(num_samples))
+  check_sampling(estimation_mode, key, num_samples)
+  apply_fn, params = restrict(apply_fn, params, wrt)
+  if backend == "kfac_jax":
+    import jattr.curvature.kfac_jax_backend as kfac_jax_backend  # optional: the kfac extra
+    return kfac_jax_backend.fit(
+        apply_fn, params, schedule, x0, draws, weight_sharing=weight_sharing,
+        estimation_mode=estimation_mode, key=key, num_samples=num_samples,
+        batch_size=batch_size, parameterization=parameterization,
+        generic_diagonal=generic_diagonal, progress=progress)
 
-  def step(state, p, pairs, rng):
-    size = pairs[0].shape[0]
-    return estimator.update_curvature_matrix_estimate(
-        state, ema_old=1.0, ema_new=float(size), identity_weight=0.0, batch_size=size,
-        rng=rng, func_args=(p, pairs))
-
-  first = example_draw_pairs(x0[:batch], draws)
-  state = estimator.init(key, (params, first), exact_powers_to_cache=None,
-                         approx_powers_to_cache=None)
-  step = jax.jit(step)
+  registry = kfac_registry(apply_fn, params, schedule, x0, draws)
+  plans, diag, reasons = _plan(registry)
+  unmatched = describe_unmatched(registry) + [
+      f"{registry.paths[i]} {list(registry.shapes[i])}: {why}" for i, why in reasons.items()]
+  if unmatched:
+    warnings.warn(f"{len(unmatched)} weight matrices/kernels get only a diagonal K-FAC block: "
+                  + "; ".join(unmatched[:6]) + (" …" if len(unmatched) > 6 else ""),
+                  stacklevel=2)
+  kernel = _KfacStats(apply_fn, schedule, registry, plans, diag, weight_sharing)
   report = resolve_progress(progress)
-  for c, start in enumerate(range(0, n, batch)):
-    pairs = first if start == 0 else example_draw_pairs(x0[start:start + batch], draws)
-    state = step(state, params, pairs, jax.random.fold_in(key, c))
-    # Wait for each update, then hand its freed buffers back to the OS: glibc
-    # otherwise keeps them in its arenas, and the peak RSS of a fit on a
-    # 30M-parameter UNet grew with the number of updates (jattr/host_memory.py).
-    jax.block_until_ready(state)
+  total = None
+  for b, start in enumerate(range(0, n, batch)):
+    rows = pair_cotangents(params, x0[start:start + batch], draws, jax.random.fold_in(key, b),
+                           apply_fn=apply_fn, schedule=schedule,
+                           estimation_mode=estimation_mode, num_samples=int(num_samples),
+                           parameterization=parameterization)
+    pairs = rows[0].shape[0]
+    chunk = pairs if chunk_size is None else min(int(chunk_size), pairs)
+    total = sum_chunks(kernel, (params,), rows, chunk_size=chunk, init=total)
+    del rows
+    jax.block_until_ready(total)  # bounded memory: no queue of in-flight batches
     host_memory.release_free_memory()
     report("kfac", min(start + batch, n), n)
 
-  blocks = []
-  for block, bstate in zip(estimator.blocks, state.blocks_states):
-    scale = block.scale(bstate, False)
-    if isinstance(block, kfac_jax.KroneckerFactored):
-      blocks.append(kron_block(bstate.factors[0].value, scale * bstate.factors[1].value))
-    else:
-      blocks.append(DiagBlock(tuple(scale * f.value for f in bstate.diagonal_factors)))
-  layout = _layout(estimator, params)
-
-  generic = [j for j, block in enumerate(estimator.blocks)
-             if type(block) is kfac_jax.NaiveDiagonal]  # pylint: disable=unidiomatic-typecheck
-  unmatched = [(layout[j].name, s) for j in generic for s in layout[j].leaf_shapes if len(s) > 1]
-  if unmatched:
-    warnings.warn(
-        f"{len(unmatched)} weight matrices/kernels matched no kfac-jax layer pattern and get "
-        f"only a diagonal block, e.g. {unmatched[:3]}. Convolutions written as patches x "
-        "matrix (jattr's UNet with conv_impl='im2col', the CPU default) are not recognised: "
-        "build apply_fn with conv_impl='xla' for fit_kfac (the parameters are the same).",
-        stacklevel=2)
-  if generic and generic_diagonal == "per_example":
-    wrt = tuple(i for j in generic for i in layout[j].leaf_indices)
-    diag = accumulate_sqrt_grads(
-        lambda rows, _: tuple(jnp.sum(jnp.square(r), axis=0) for r in rows), None, apply_fn,
-        params, schedule, x0, draws, estimation_mode=estimation_mode,
-        key=jax.random.fold_in(key, 2**31 - 1), num_samples=num_samples, batch_size=batch_size,
-        parameterization=parameterization, wrt=wrt, progress=progress,
-        desc="kfac generic diagonal")
-    by_leaf = dict(zip(wrt, diag))
-    for j in generic:
-      blocks[j] = DiagBlock(tuple(by_leaf[i] for i in layout[j].leaf_indices))
-  return KfacState(tuple(blocks), layout)
-
+  scale = 1.0 / (n * draws.num_draws)
+  kron_stats, diag_stats = total
+  blocks, layout = [], []
+  for plan, (a, g) in zip(plans, kron_stats):
+    blocks.append(kron_block(a * scale, g * scale))
+    leaves = (plan.leaf,) + ((plan.bias,) if plan.bias is not None else ())
+    specs = (plan.ops,) + (((("reshape", (1, plan.d_out)),),) if plan.bias is not None else ())
+    layout.append(BlockLayout(registry.paths[plan.leaf], "kronecker", leaves,
+                              tuple(registry.shapes[i] for i in leaves), specs,
+                              (plan.d_in + (plan.bias is not None), plan.d_out)))
+  for i, d in zip(diag, diag_stats):
+    blocks.append(DiagBlock((d * scale,)))
+    layout.append(BlockLayout(registry.paths[i], "diagonal", (i,), (registry.shapes[i],), (), ()))
+  return KfacState(tuple(blocks), tuple(layout))
 
 def check_vector(layout: tuple, v: Params, name: str = "v") -> list:
   """Returns ``jax.tree.leaves(v)`` after checking them against ``layout``."""
@@ -355,27 +423,32 @@ def check_vector(layout: tuple, v: Params, name: str = "v") -> list:
   return leaves
 
 
+def _leaf_ops(lay: BlockLayout) -> list:
+  d_out = lay.matrix_shape[1]
+  return [(("reshape", (math.prod(shape) // d_out, d_out)),) if isinstance(ops, str) else ops
+          for shape, ops in zip(lay.leaf_shapes, lay.specs)]
+
+
 def to_block_matrix(lay: BlockLayout, leaves: list):
   """The block's leaves stacked into kfac-jax's [d_in(+1), d_out] matrix.
 
   Leaves may carry leading batch axes (e.g. [R, *shape] rows); the result is then
   [R, d_in(+1), d_out]. ``leaves`` is the full ``jax.tree.leaves`` list.
   """
-  d_out = lay.matrix_shape[1]
   parts = []
-  for i, shape in zip(lay.leaf_indices, lay.leaf_shapes):
+  for i, shape, ops in zip(lay.leaf_indices, lay.leaf_shapes, _leaf_ops(lay)):
     x = leaves[i]
-    batch = x.shape[:x.ndim - len(shape)]
-    parts.append(x.reshape(batch + (-1, d_out)))
+    parts.append(apply_ops(x, ops, batch=x.ndim - len(shape)))
   return jnp.concatenate(parts, axis=-2)
 
 
 def from_block_matrix(lay: BlockLayout, m, leaves: list) -> None:
   """Writes the block matrix ``m`` back into ``leaves`` (inverse of ``to_block_matrix``)."""
   start = 0
-  for i, shape in zip(lay.leaf_indices, lay.leaf_shapes):
+  batch = m.ndim - 2
+  for i, shape, ops in zip(lay.leaf_indices, lay.leaf_shapes, _leaf_ops(lay)):
     rows = math.prod(shape) // lay.matrix_shape[1]
-    leaves[i] = m[..., start:start + rows, :].reshape(m.shape[:-2] + shape)
+    leaves[i] = invert_ops(m[..., start:start + rows, :], ops, shape, batch=batch)
     start += rows
 
 

@@ -36,6 +36,7 @@ from jattr.diffusion import checks as diffusion_checks
 from jattr.grads.per_example import ExampleFn, apply_chunks, flatten_per_example, in_trace
 from jattr.progress import Progress
 from jattr.types import Params
+from jattr.wrt import Selector, restrict
 
 PROJECTION_KINDS = ("gaussian", "rademacher")
 
@@ -184,8 +185,13 @@ class _FeatureRows:
 
 
 def featurize(fn: ExampleFn, params: Params, examples, config: ProjectionConfig, *,
-              chunk_size: int | None = None, progress: Progress | None = None) -> jax.Array:
+              chunk_size: int | None = None, progress: Progress | None = None,
+              wrt: Selector = None) -> jax.Array:
   """Projected per-example gradients Φ = [Pᵀ ∇_θ fn(θ; z_i)]_i, chunk by chunk.
+
+  With ``wrt`` the gradient is that of the selected leaves θ_S only, the others held
+  fixed: φ_i = Pᵀ ∇_{θ_S} fn(θ_S, θ_F; z_i), P of size P_S × k (P_S the number of
+  selected parameters, in their leaf order; ``jattr.wrt.restrict``).
 
   Called eagerly with chunk_size < N, the chunks run from a host loop over one
   compiled chunk program (``jattr.grads.loop_chunks``); inside a caller's ``jit`` they
@@ -200,13 +206,16 @@ def featurize(fn: ExampleFn, params: Params, examples, config: ProjectionConfig,
     config: the projection.
     chunk_size: examples whose gradients exist at once; ``None`` = all N.
     progress: called after each chunk with examples done (``jattr.progress``).
+    wrt: the leaves to differentiate (``None``: all; see ``jattr.wrt``).
 
   Returns:
     Φ, shape [N, k].
 
   Raises:
-    ValueError: ``params`` hold NaN or inf (eager calls).
+    ValueError: ``params`` (frozen leaves included) hold NaN or inf (eager calls),
+      or ``wrt`` selects no leaf.
   """
   check_finite_params(params)
+  fn, params = restrict(fn, params, wrt)
   return apply_chunks(_FeatureRows(fn, config), params, examples, chunk_size=chunk_size,
                       progress=progress, desc="featurize")

@@ -35,6 +35,15 @@ the gradient of the transformed weight.
 Layer features are concatenated in sorted ``name`` order, each as the row-major
 ravel of the [k_in, k_out] matrix (``structured_layout`` gives the slices).
 
+``wrt``. Here a selector picks *layers*, by the ``name`` the model gives ``layer``
+(a regex searched in the name, or a predicate on it; a mask pytree is refused, the
+layers are not a pytree): ``wrt="^up/"`` featurises the layers whose names start
+with ``up/``. The weights are what the model passes to ``layer``, not leaves of
+``params`` (a LoRA-merged kernel is one weight), so the leaf selectors of
+``jattr.wrt`` do not apply; name the layers the way their parameters are named and
+the same regex serves both. Unselected layers run as ``plain_layer`` (no
+perturbation, no projection): φ = [φ_l]_{l selected}, in sorted name order.
+
 Example:
   >>> def model(params, x_t, t, layer=plain_layer):
   ...   h = jax.nn.silu(layer("c1", x_t, params["c1"], Conv()))
@@ -61,6 +70,7 @@ from jattr.grads.per_example import apply_chunks
 from jattr.layers import Conv, Dense, LayerFn, LayerSpec, apply_layer, plain_layer  # noqa: F401
 from jattr.progress import Progress
 from jattr.types import Params
+from jattr.wrt import Selector, select_names
 
 
 StructuredFn = Callable[[Params, Any, LayerFn], jax.Array]
@@ -106,6 +116,12 @@ def layer_projections(config: StructuredConfig, name: str, d_in: int, d_out: int
   return p_in, p_out
 
 
+def _selected_layers(records: dict, wrt: Selector) -> list[str]:
+  """The sorted names of the recorded layers ``wrt`` keeps (raises if none)."""
+  names = sorted(records)
+  return [n for n, c in zip(names, select_names(names, wrt, what="layers")) if c]
+
+
 def _record_layers(fn: StructuredFn, params, example) -> dict[str, tuple]:
   """name -> (spec, w shape, y shape) for each ``layer`` call, by abstract evaluation."""
   records = {}
@@ -126,25 +142,26 @@ def _record_layers(fn: StructuredFn, params, example) -> dict[str, tuple]:
   return records
 
 
-def structured_layout(fn: StructuredFn, params: Params, example, config: StructuredConfig
-                      ) -> dict[str, slice]:
+def structured_layout(fn: StructuredFn, params: Params, example, config: StructuredConfig,
+                      *, wrt: Selector = None) -> dict[str, slice]:
   """Where each layer's k_in·k_out features sit in the output of ``structured_features_fn``.
 
   Args:
     fn, params: as in ``structured_featurize``.
     example: ONE example (no leading N).
     config: the structured projection.
+    wrt: the layers to featurise, by name (module docstring; ``None``: all).
 
   Returns:
     name -> slice into the feature vector, in sorted name order.
   """
-  names = sorted(_record_layers(fn, params, example))
+  names = _selected_layers(_record_layers(fn, params, example), wrt)
   size = config.dim_in * config.dim_out
   return {n: slice(i * size, (i + 1) * size) for i, n in enumerate(names)}
 
 
-def structured_features_fn(fn: StructuredFn, config: StructuredConfig
-                           ) -> Callable[[Params, Any], jax.Array]:
+def structured_features_fn(fn: StructuredFn, config: StructuredConfig, *,
+                           wrt: Selector = None) -> Callable[[Params, Any], jax.Array]:
   """The kernel φ(θ; z) for ONE example: concatenated Kronecker-projected layer gradients.
 
       φ_l = vec(Σ_s (P_inᵀ a_s)(P_outᵀ δ_s)ᵀ),   δ_s = ∂fn/∂y_s,
@@ -156,20 +173,23 @@ def structured_features_fn(fn: StructuredFn, config: StructuredConfig
   Args:
     fn: ``fn(params, example, layer) -> scalar`` (module docstring's contract).
     config: the structured projection.
+    wrt: the layers to featurise, by name (module docstring; ``None``: all).
 
   Returns:
-    ``features(params, example) -> [L · k_in · k_out]``.
+    ``features(params, example) -> [L · k_in · k_out]`` (L selected layers).
   """
 
   def features(params, example):
     records = _record_layers(fn, params, example)
-    names = sorted(records)
+    names = _selected_layers(records, wrt)
     zeros = {n: jnp.zeros(records[n][2], records[n][3]) for n in names}
 
     def perturbed(z):
       inputs = {}
 
       def layer(name, x, w, spec=Dense()):
+        if name not in z:  # a layer wrt leaves out: the plain layer
+          return apply_layer(spec, x, w)
         inputs[name] = x
         return apply_layer(spec, x, w) + z[name]
 
@@ -204,15 +224,16 @@ class _StructuredRows:
 
   fn: StructuredFn
   config: StructuredConfig
+  wrt: Selector = None
 
   def __call__(self, params, chunk):
-    return jax.vmap(structured_features_fn(self.fn, self.config), in_axes=(None, 0))(
-        params, chunk)
+    return jax.vmap(structured_features_fn(self.fn, self.config, wrt=self.wrt),
+                    in_axes=(None, 0))(params, chunk)
 
 
 def structured_featurize(fn: StructuredFn, params: Params, examples, config: StructuredConfig,
                          *, chunk_size: int | None = None,
-                         progress: Progress | None = None) -> jax.Array:
+                         progress: Progress | None = None, wrt: Selector = None) -> jax.Array:
   """Structured features for every example, ``vmap`` over chunks of ``chunk_size``.
 
   Chunks run as in ``jattr.features.featurize``: a host loop over one compiled chunk
@@ -225,13 +246,20 @@ def structured_featurize(fn: StructuredFn, params: Params, examples, config: Str
     config: the structured projection.
     chunk_size: examples processed at once; ``None`` = all N.
     progress: called after each chunk with examples done (``jattr.progress``).
+    wrt: the layers to featurise, by the names the model gives ``layer`` (a regex
+      or a predicate; module docstring). ``None``: every layer.
 
   Returns:
-    Φ, shape [N, L · k_in · k_out] (L = number of layers; see ``structured_layout``).
+    Φ, shape [N, L · k_in · k_out] (L = number of selected layers; see
+    ``structured_layout``).
 
   Raises:
-    ValueError: ``params`` hold NaN or inf (eager calls).
+    ValueError: ``params`` hold NaN or inf (eager calls), or ``wrt`` keeps no layer.
+    TypeError: ``wrt`` is a mask pytree.
   """
   check_finite_params(params)
-  return apply_chunks(_StructuredRows(fn, config), params, examples, chunk_size=chunk_size,
+  if wrt is not None and not isinstance(wrt, str) and not callable(wrt):
+    raise TypeError("structured_featurize selects layers by name: wrt must be None, a regex "
+                    f"str or a predicate on the layer name, got {type(wrt).__name__}")
+  return apply_chunks(_StructuredRows(fn, config, wrt), params, examples, chunk_size=chunk_size,
                       progress=progress, desc="structured featurize")

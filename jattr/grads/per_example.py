@@ -38,10 +38,16 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+try:  # jax >= 0.10 (jax.core's copy, and jax.core.trace_ctx, are deprecated there)
+  from jax.extend.core import find_top_trace as _current_trace
+except ImportError:  # jax 0.9
+  from jax.core import find_top_trace as _current_trace
+
 from jattr.diffusion.checks import count_nonfinite  # noqa: F401  (re-exported)
 from jattr.progress import Progress
 from jattr.progress import resolve as resolve_progress
 from jattr.types import Params
+from jattr.wrt import Selector, restrict
 
 ExampleFn = Callable[[Params, Any], jax.Array]
 """``fn(params, example) -> scalar``, for ONE example."""
@@ -129,8 +135,9 @@ def in_trace(*trees) -> bool:
   """
   if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(trees)):
     return True
-  ctx = getattr(jax.core, "trace_ctx", None)
-  return ctx is not None and not ctx.is_top_level()
+  # The current trace: the top-level EvalTrace for an eager call, a jaxpr, batch,
+  # JVP, … trace inside a transformation, even if no argument is a tracer.
+  return type(_current_trace(())).__name__ != "EvalTrace"
 
 
 def _call(kernel, args, examples):
@@ -337,8 +344,12 @@ class _GradRows:
 
 def per_example_grads(fn: ExampleFn, params: Params, examples, *,
                       chunk_size: int | None = None,
-                      progress: Progress | None = None) -> Params:
+                      progress: Progress | None = None, wrt: Selector = None) -> Params:
   """Gradient of ``fn`` for every example, g_i = ∇_θ fn(θ; z_i).
+
+  With ``wrt`` (a ``jattr.wrt`` selector) only the selected leaves θ_S are
+  differentiated, the others held fixed: g_i = ∇_{θ_S} fn(θ_S, θ_F; z_i), which is
+  the selected leaves of the full gradient (``jattr.wrt.restrict``).
 
   Called eagerly with chunk_size < N, the chunks run from a host loop over one
   compiled chunk program (``loop_chunks``); inside a caller's ``jit`` they run with
@@ -351,10 +362,13 @@ def per_example_grads(fn: ExampleFn, params: Params, examples, *,
     examples: pytree with leading axis N (usually an array [N, ...]).
     chunk_size: examples per ``vmap`` chunk; ``None`` vmaps over all N at once.
     progress: called after each chunk of an eager call (``jattr.progress``).
+    wrt: the leaves to differentiate (``None``: all; see ``jattr.wrt``).
 
   Returns:
-    A pytree like ``params`` whose leaves have a leading axis N.
+    A pytree like ``params`` whose leaves have a leading axis N; with ``wrt``, like
+    ``jattr.wrt.split(params, wrt)`` (the unselected leaves are ``None``).
   """
+  fn, params = restrict(fn, params, wrt)
   return apply_chunks(_GradRows(fn), params, examples, chunk_size=chunk_size,
                       progress=progress, desc="per-example gradients")
 
@@ -382,13 +396,16 @@ def flatten_per_example(grads: Params) -> jax.Array:
 
 def per_example_flat_grads(fn: ExampleFn, params: Params, examples, *,
                            chunk_size: int | None = None,
-                           progress: Progress | None = None) -> jax.Array:
+                           progress: Progress | None = None,
+                           wrt: Selector = None) -> jax.Array:
   """``flatten_per_example(per_example_grads(...))``, flattened chunk by chunk.
 
   Args, order and chunking as in ``per_example_grads`` and ``flatten_per_example``.
 
   Returns:
-    G, shape [N, P].
+    G, shape [N, P] (with ``wrt``: P = the number of selected parameters, columns
+    in the leaf order of the selected leaves).
   """
+  fn, params = restrict(fn, params, wrt)
   return apply_chunks(_GradRows(fn, flat=True), params, examples, chunk_size=chunk_size,
                       progress=progress, desc="per-example gradients")

@@ -16,6 +16,14 @@ mismatch, so a curvature is never applied to another model. The standard keys th
 ``jattr fit-curvature`` workflow writes (damping default, weight sharing, measurement,
 draws, dataset, N) are listed in ``jattr.runs.curvature_meta``.
 
+Selections. A curvature fitted with respect to a subset of the parameters
+(``jattr.wrt``) records ``meta["wrt"]`` (``jattr.runs.selection_record``: the
+selector, the hash of the selected paths, the hash of the frozen leaves), and
+``model_hash`` is still that of the whole model, frozen leaves included.
+``load_curvature`` refuses a different selection (or a changed frozen leaf) with a
+message naming it. A file without ``meta["wrt"]`` (every file made before
+selections, and every ``wrt=None`` fit) was fitted w.r.t. all parameters.
+
 Round trip. Every array of the state is saved (the eigendecompositions too, so a
 loaded state is bit-identical to the fitted one, never recomputed) and the layout is
 rebuilt with the same tuples, so ``jax.tree.structure`` of the loaded state equals
@@ -46,6 +54,7 @@ from jattr.curvature.inverse_vp import CURVATURE_KINDS, curvature_kind
 from jattr.curvature.kfac import BlockLayout, DiagBlock, KfacState, KronBlock
 from jattr.io import atomic
 from jattr.io.hashing import model_hash as hash_params
+from jattr.io.hashing import selection_mismatch
 from jattr.io.lock import DirectoryLock
 
 FORMAT = "jattr.curvature"
@@ -201,7 +210,8 @@ def read_curvature_meta(path: str | os.PathLike) -> dict:
 
 
 def load_curvature(path: str | os.PathLike, params: Any = None, *, model_hash: str | None = None,
-                   kind: str | None = None) -> tuple[Any, dict]:
+                   kind: str | None = None, selection: dict | None = None,
+                   selected: Any = None) -> tuple[Any, dict]:
   """Loads a curvature saved by ``save_curvature``, checking it belongs to the model.
 
   Args:
@@ -211,6 +221,11 @@ def load_curvature(path: str | os.PathLike, params: Any = None, *, model_hash: s
       diagonal state they also give the pytree structure of the result.
     model_hash: the expected hash, instead of (or besides) ``params``.
     kind: if given, the kind the caller expects (``CURVATURE_KINDS``).
+    selection: the selection record of the ``wrt`` the curvature will be used with
+      (``jattr.runs.selection_record``; ``None``: all parameters); it must agree
+      with the stored ``meta["wrt"]`` (absent: all parameters).
+    selected: the selected leaves (``jattr.wrt.split(params, wrt)``): the pytree
+      structure of a diagonal state fitted with a selection (default: ``params``).
 
   Returns:
     ``(state, meta)``: the state exactly as saved (bit-identical arrays, the same
@@ -219,7 +234,8 @@ def load_curvature(path: str | os.PathLike, params: Any = None, *, model_hash: s
   Raises:
     FileNotFoundError: no (complete) curvature in ``path``.
     ValueError: neither ``params`` nor ``model_hash`` given, a hash mismatch (the
-      curvature was fitted to another model), or another ``kind``.
+      curvature was fitted to another model; a changed frozen leaf is named as such),
+      a different selection, or another ``kind``.
   """
   if params is None and model_hash is None:
     raise ValueError("load_curvature needs params or model_hash to check that the curvature "
@@ -234,15 +250,20 @@ def load_curvature(path: str | os.PathLike, params: Any = None, *, model_hash: s
     expected.append(("model_hash", model_hash))
   if params is not None:
     expected.append(("params", hash_params(params)))
+  why = selection_mismatch(meta.get("wrt"), selection)
   for what, h in expected:
     if h != stored:
+      hint = f" ({why})" if why and why.startswith("a frozen") else ""
       raise ValueError(
-          f"curvature {path} was fitted to a different model: its params sha256 is "
+          f"curvature {path} was fitted to a different model{hint}: its params sha256 is "
           f"{str(stored)[:16]}…, the {what} given hash to {str(h)[:16]}…; fit the curvature "
           "for this model (jattr fit-curvature)")
+  if why:
+    raise ValueError(f"curvature {path} was fitted with {why}; fit the curvature with the "
+                     "selection it is used with (jattr fit-curvature --wrt)")
   if kind is not None and meta["kind"] != kind:
     raise ValueError(f"curvature {path} is a {meta['kind']!r} curvature, expected {kind!r}")
   layout = _layout_from_json(doc["layout"]) if doc["layout"] is not None else None
   with ocp.StandardCheckpointer() as ckpt:
     tree = ckpt.restore(pathlib.Path(path).absolute() / STATE)
-  return _from_tree(tree, meta["kind"], layout, params), meta
+  return _from_tree(tree, meta["kind"], layout, params if selected is None else selected), meta

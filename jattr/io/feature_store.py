@@ -28,7 +28,12 @@ Configuration. ``config`` is any JSON-able dict describing what the features are
 ``jattr.io.feature_store.feature_config``). Opening an existing store with a
 different config (or a different N, k, chunk_rows) raises a ``ValueError`` that
 names every differing key, so features of different models, draws or projections
-are never mixed in one store.
+are never mixed in one store. Features w.r.t. a subset of the parameters
+(``jattr.wrt``) record it as ``model.wrt`` (selector, hash of the selected paths,
+hash of the frozen leaves) beside ``model.params_sha256``, the hash of the WHOLE
+model: a changed frozen parameter or another selection is refused, the message
+naming ``model.wrt.frozen_sha256`` or ``model.wrt.selection_sha256``. Stores
+without ``model.wrt`` (all stores made before selections) are ``wrt=None``.
 
 Checked on read. ``read`` verifies every chunk it touches against the sha256
 recorded when the chunk was written, so a chunk file deleted, truncated or altered
@@ -114,11 +119,12 @@ def feature_config(*, params_hash: str, measurement: str, num_draws: int, timest
                    draw_seed: int, projection: ProjectionConfig, dataset: str,
                    num_examples: int, examples_hash: str,
                    measurement_kwargs: dict | None = None, model_info: dict | None = None,
-                   dataset_info: dict | None = None) -> dict:
+                   dataset_info: dict | None = None, selection: dict | None = None) -> dict:
   """The standard configuration of a feature store.
 
   Args:
-    params_hash: ``model_hash(params)``.
+    params_hash: ``model_hash(params)`` of the WHOLE model (frozen leaves included,
+      when the features are w.r.t. a selection).
     measurement: the output function's name (e.g. ``"square_norm"``).
     num_draws: K of the fixed (t, ε) draws.
     timesteps: ``"uniform"`` or ``"random"``.
@@ -131,12 +137,17 @@ def feature_config(*, params_hash: str, measurement: str, num_draws: int, timest
     measurement_kwargs: JSON-able kwargs of the output function (e.g. ``{"time": 50}``).
     model_info: more JSON-able facts about the model (architecture, schedule, …).
     dataset_info: more JSON-able facts about the examples (split, file, …).
+    selection: what the gradients were taken with respect to
+      (``jattr.runs.selection_record``), stored as ``model.wrt``; ``None``
+      (``wrt=None``) stores nothing, so the config is what it was before selections
+      existed, and a store without ``model.wrt`` reads as ``wrt=None``.
 
   Returns:
     ``{"model", "measurement", "draws", "projection", "dataset"}`` sections.
   """
   return {
-      "model": {"params_sha256": params_hash, **(model_info or {})},
+      "model": {"params_sha256": params_hash, **(model_info or {}),
+                **({} if selection is None else {"wrt": dict(selection)})},
       "measurement": {"name": measurement, "kwargs": dict(measurement_kwargs or {})},
       "draws": {"num_draws": int(num_draws), "timesteps": timesteps, "seed": int(draw_seed)},
       "projection": projection_spec(projection),

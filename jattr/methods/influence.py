@@ -16,6 +16,12 @@ removing example i and retraining moves the measurement by
 positive τ marks a training example that *lowers* the query's loss (a proponent).
 This is the sign of TRAK's φ_qᵀ(ΦᵀΦ + λI)⁻¹φ_i (``jattr.methods.trak``).
 
+With respect to a subset θ_S of the parameters (``jattr.wrt``; the LoRA adapter,
+the last layers), every gradient is ∇_{θ_S} and C is the curvature of L in θ_S
+alone, the other parameters held fixed: fit it with the same selector
+(``fit_kfac``, ``fit_ekfac``, ``fit_diagonal``, ``dense_ggn``: all take ``wrt=``) and
+pass that selector to ``influence(..., wrt=...)``.
+
 Split as elsewhere: the curvature is fitted once (``jattr.curvature.fit_kfac``,
 ``fit_ekfac``, ``fit_diagonal``; ``None`` = identity), the Q query gradients are
 preconditioned once (``precondition``), and the training gradients are computed
@@ -44,6 +50,7 @@ from jattr.methods.scoring import tiled_scores
 from jattr.progress import Progress
 from jattr.progress import resolve as resolve_progress
 from jattr.types import ApplyFn, Parameterization, Params
+from jattr.wrt import Selector, describe, restrict
 
 def _leading(tree, name: str) -> int:
   leaves = jax.tree.leaves(tree)
@@ -124,6 +131,19 @@ def influence_scores(query_grads: Params, train_grads, inverse_vp: InverseVP, *,
   return tiled_scores(psi, train.astype(psi.dtype), *tile)
 
 
+def _check_curvature_fits(inverse_vp: InverseVP, params: Params, wrt: Selector) -> None:
+  """Raises ValueError, before any gradient, unless (C + λI)⁻¹ accepts a vector shaped
+  like ``params`` (the selected leaves): a curvature fitted with another ``wrt``."""
+  try:
+    jax.eval_shape(inverse_vp, params)
+  except (ValueError, TypeError) as e:
+    n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    raise ValueError(
+        f"the curvature does not fit the parameters the gradients are taken with respect to "
+        f"(wrt={describe(wrt)!r}: {len(jax.tree.leaves(params))} leaves, {n:,} parameters): "
+        f"{e}. Fit the curvature with the same wrt") from None
+
+
 def _check_images(x, draws: Draws, name: str):
   if jnp.ndim(x) != draws.eps.ndim or tuple(x.shape[1:]) != tuple(draws.eps.shape[1:]):
     raise ValueError(f"{name} must have shape [N, {', '.join(map(str, draws.eps.shape[1:]))}] "
@@ -136,7 +156,8 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
               parameterization: Parameterization = "eps",
               time: int | None = None, weights=None, query_draws: Draws | None = None,
               tile_size: int = 256, chunk_size: int | None = None,
-              out: np.ndarray | None = None, progress: Progress | None = None) -> jax.Array:
+              out: np.ndarray | None = None, progress: Progress | None = None,
+              wrt: Selector = None) -> jax.Array:
   """τ[q, i] = ∇m_qᵀ (C + λ I)⁻¹ ∇ℓ_i for all queries and training examples.
 
   m_q = ``measurement_fn(measurement, ...)`` on query q (averaged over
@@ -167,22 +188,33 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
     out: optional host array [Q, N] the tiles are written into as they are made
       (then only one tile of scores is on the device at a time).
     progress: called after each training tile (``jattr.progress``).
+    wrt: the parameters θ_S of the gradients (``jattr.wrt``; ``None``: all), the
+      others held fixed; ``curvature`` must have been fitted with the same selector
+      (its dimension is checked against the selection before any gradient).
 
   Returns:
     τ, [Q, N]; τ/N ≈ m_q(θ₋ᵢ) − m_q(θ). ``out`` itself when given.
+
+  Raises:
+    ValueError: the curvature does not fit the selected parameters, ``wrt``
+      selects nothing, or the inputs are malformed.
   """
   check_finite_params(params)  # a diverged model gives NaN scores, not an answer
   _check_images(train_x0, draws, "train_x0")
   _check_images(query_x0, draws if query_draws is None else query_draws, "query_x0")
   if int(tile_size) < 1:
     raise ValueError(f"tile_size must be >= 1, got {tile_size}")
+  # One selection for everything: the gradients below are with respect to θ_S.
+  apply_fn, params = restrict(apply_fn, params, wrt)
+  inverse_vp = inverse_vp_fn(curvature, damping, damping_factor=damping_factor)
+  if wrt is not None:
+    _check_curvature_fits(inverse_vp, params, wrt)
   m_fn = measurement_fn(measurement, apply_fn, schedule,
                         draws if query_draws is None else query_draws,
                         parameterization=parameterization, time=time, weights=weights)
   loss_fn = measurement_fn("loss", apply_fn, schedule, draws, parameterization=parameterization)
   query_grads = per_example_grads(m_fn, params, query_x0, chunk_size=chunk_size)
-  psi = precondition(query_grads, inverse_vp_fn(curvature, damping, damping_factor=damping_factor),
-                     chunk_size=chunk_size)
+  psi = precondition(query_grads, inverse_vp, chunk_size=chunk_size)
   del query_grads
 
   def train_rows(args, xt):  # τ[:, chunk]ᵀ: [c, Q], from the chunk's gradients [c, P]

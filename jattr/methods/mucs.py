@@ -65,7 +65,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from typing import Callable, NamedTuple
 
@@ -83,6 +82,8 @@ from jattr.grads.per_example import apply_chunks
 from jattr.progress import Progress
 from jattr.train.loop import draw_batch
 from jattr.types import ApplyFn, Parameterization, Params
+from jattr.wrt import Selector, chosen_mask, describe
+from jattr.wrt import select as select_leaves
 
 OPTIMIZERS = ("adam", "sgd")
 DEFAULT_SKEW_CONSTANT = 1e-6
@@ -182,40 +183,26 @@ class MucsResult(NamedTuple):
 # ----------------------------------------------------------------------------- masks
 
 
-def _path_str(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def trainable_mask(params: Params, select: str | Callable[[str], bool] | None = None) -> Params:
+def trainable_mask(params: Params, select: Selector = None) -> Params:
   """Which parameters unlearning may move: a pytree of Python bools like ``params``.
+
+  The one selector of the library (``jattr.wrt``): the parameters MUCS moves are
+  the parameters it attributes with respect to.
 
   Args:
     params: the parameter pytree (arrays or ``ShapeDtypeStruct``s).
-    select: ``None`` (all), a regular expression searched in each leaf's path
-      (keys joined by ``/``, e.g. ``"up/1|conv_out"``, ``"kernel$"``), or a
-      predicate ``select(path) -> bool``.
+    select: a ``jattr.wrt`` selector: ``None`` (all), a regular expression searched
+      in each leaf's path (keys joined by ``/``, e.g. ``"up/1|conv_out"``,
+      ``"kernel$"``), a predicate ``select(path) -> bool``, or a bool mask pytree.
 
   Returns:
-    A pytree of bools with ``params``' structure.
+    A pytree of bools with ``params``' structure (``jattr.wrt.chosen_mask``).
 
   Raises:
     ValueError: if ``select`` matches no parameter.
+    TypeError: a selector of another type.
   """
-  if select is None:
-    pred = lambda path: True  # noqa: E731
-  elif isinstance(select, str):
-    pattern = re.compile(select)
-    pred = lambda path: pattern.search(path) is not None  # noqa: E731
-  elif callable(select):
-    pred = select
-  else:
-    raise TypeError(f"select must be None, a regex string or a callable, got "
-                    f"{type(select).__name__}")
-  mask = jax.tree_util.tree_map_with_path(lambda p, _: bool(pred(_path_str(p))), params)
-  if not any(jax.tree.leaves(mask)):
-    paths = [_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    raise ValueError(f"select={select!r} matches no parameter; paths look like {paths[:4]}")
-  return mask
+  return chosen_mask(params, select_leaves(params, select))
 
 
 def _apply_mask(mask, tree):
@@ -603,13 +590,14 @@ def variant_config(variant: str, **overrides):
 
 
 def mucs_attribute(apply_fn, params, init_fn, schedule, train_images, queries, *,
-                   variant: str = "mucs", config=None, trainable: str | None = None,
+                   variant: str = "mucs", config=None, trainable: Selector = None,
                    num_draws: int = 10, timesteps: str = "uniform", draw_seed: int = 0,
                    null_models: int = 4, seed: int = 0, skew_constant: float = 1e-6,
                    query_chunk: int | None = 8, train_chunk: int | None = 64,
                    fisher=None, return_losses: bool = False,
                    parameterization: str = "eps",
-                   progress: Progress | None = None) -> tuple[np.ndarray, dict]:
+                   progress: Progress | None = None,
+                   wrt: Selector = None) -> tuple[np.ndarray, dict]:
   """τ [Q, N] of one variant for an in-memory model (what ``jattr mucs`` runs).
 
   Usable as the body of an LDS harness ``score_fn``. Keys: draws from
@@ -619,10 +607,17 @@ def mucs_attribute(apply_fn, params, init_fn, schedule, train_images, queries, *
   across calls; None computes it when the config needs it. ``return_losses`` adds
   the unlearned models' per-draw losses [Q, N, K] to ``info["losses_u"]``.
   ``progress`` is passed to ``mucs_scores`` (one call per query chunk).
+  ``trainable`` (or its synonym ``wrt``, the name every other method uses; give at
+  most one) is a ``jattr.wrt`` selector of the parameters unlearning moves.
 
   Returns:
     ``(tau float32 [Q, N], info)``, ``info`` holding the diagnostics and timings.
   """
+  if wrt is not None:
+    if trainable is not None:
+      raise ValueError("give trainable or wrt (the same selector), not both: got "
+                       f"trainable={describe(trainable)!r}, wrt={describe(wrt)!r}")
+    trainable = wrt
 
   config = config or variant_config(variant)
   image_shape = tuple(train_images.shape[1:])
@@ -651,7 +646,8 @@ def mucs_attribute(apply_fn, params, init_fn, schedule, train_images, queries, *
   tau = np.asarray(jax.block_until_ready(res.scores), np.float32)
   t2 = time.perf_counter()
   u = res.unlearn
-  info = {"variant": variant, "config": dataclasses.asdict(config), "trainable": trainable,
+  info = {"variant": variant, "config": dataclasses.asdict(config),
+          "trainable": describe(trainable),
           "num_draws": num_draws, "timesteps": timesteps, "draw_seed": draw_seed,
           "null_models": null_models, "seed": seed, "skew_constant": skew_constant,
           "forget_loss": np.asarray(u.forget_loss), "null_loss": np.asarray(u.null_loss),

@@ -15,6 +15,10 @@ with another f (``square_norm``, …) on both sides; Journey-TRAK (Georgiev et a
 Split as in lineax: ``trak_fit`` does the expensive, reusable work once (ΦᵀΦ, its
 Cholesky factor), ``trak_score`` the cheap per-query work; an ensemble or a set of
 checkpoints averages per-model scores (``trak_ensemble_score``).
+
+With respect to a subset θ_S of the parameters (``jattr.wrt``), φ_i = Pᵀ ∇_{θ_S} f:
+featurise with ``featurize(..., wrt=...)`` (the scores then need nothing more);
+``journey_trak_scores`` takes ``wrt`` itself.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from jattr.grads.per_example import apply_chunks, in_trace
 from jattr.methods.scoring import tiled_scores, tiled_scores_into
 from jattr.progress import Progress
 from jattr.types import ApplyFn, Parameterization, Params
+from jattr.wrt import Selector, restrict
 
 DEFAULT_RELATIVE_DAMPING = 1e-3
 
@@ -243,7 +248,8 @@ def journey_trak_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule,
                         damping: float | None = None,
                         relative_damping: float = DEFAULT_RELATIVE_DAMPING,
                         chunk_size: int | None = None,
-                        tile: tuple[int, int] = (1024, 8192)) -> jax.Array:
+                        tile: tuple[int, int] = (1024, 8192),
+                        wrt: Selector = None) -> jax.Array:
   """Journey-TRAK: one TRAK score matrix per chosen sampling step.
 
   At step s (timestep t_s, sampler prediction x̂₀^(s)), with one fixed noise ε_s
@@ -267,6 +273,8 @@ def journey_trak_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule,
     damping, relative_damping: as in ``trak_fit``, per step.
     chunk_size: featurisation chunk.
     tile: as in ``trak_score``.
+    wrt: the parameters θ_S the gradients are taken with respect to, the others
+      held fixed (``jattr.wrt``; ``None``: all): φ_s(x) = Pᵀ ∇_{θ_S} f_s(θ; x).
 
   Returns:
     τ, [len(steps), B, N].
@@ -280,9 +288,9 @@ def journey_trak_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule,
   if tuple(train_images.shape[1:]) != image_shape:
     raise ValueError(f"train_images must have shape [N, *{image_shape}], got "
                      f"{train_images.shape}")
-  step_loss = trajectory_step_measurement(apply_fn, schedule, parameterization=parameterization)
-
   check_finite_params(params)
+  apply_fn, params = restrict(apply_fn, params, wrt)
+  step_loss = trajectory_step_measurement(apply_fn, schedule, parameterization=parameterization)
   kernel = _StepFeatures(step_loss, config)
 
   def step_features(params, images, t, eps):

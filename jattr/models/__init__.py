@@ -9,6 +9,15 @@ from jattr.models.bridge import merge_model
 from jattr.models.bridge import num_params
 from jattr.models.bridge import split_model
 from jattr.models.layers import route_layers
+from jattr.models.lora import LORA_BASE
+from jattr.models.lora import LORA
+from jattr.models.lora import lora_apply_fn
+from jattr.models.lora import lora_init
+from jattr.models.lora import lora_merge
+from jattr.models.lora import lora_model
+from jattr.models.lora import lora_num_params
+from jattr.models.lora import lora_scale
+from jattr.models.lora import lora_targets
 from jattr.models.unet import UNet
 from jattr.models.unet import UNetConfig
 from jattr.models.unet import cifar_30m_config

@@ -34,4 +34,6 @@ from jattr.runs.run import sample
 from jattr.runs.run import sample_run
 from jattr.runs.run import train_run
 from jattr.runs.run import training_data
+from jattr.runs.stores import check_selection
+from jattr.runs.stores import selection_record
 from jattr.runs.stores import store_featurize

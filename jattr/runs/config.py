@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Literal
 
 from jattr.data import DATASET_NAMES
@@ -50,6 +51,10 @@ class AttributionConfig:
     relative_damping: TRAK damping λ as a fraction of the mean eigenvalue of ΦᵀΦ.
     chunk_size: examples whose gradients exist at once.
     top_k: training images shown per sample.
+    wrt: a regular expression on parameter paths (``jattr.wrt``): attribute with
+      respect to the matching parameters only, the others held fixed; ``None``: all.
+      Left out of ``config.json`` when ``None``, so run directories made before the
+      field existed keep their config.
   """
 
   measurement: str = "square_norm"
@@ -62,6 +67,7 @@ class AttributionConfig:
   relative_damping: float = 1e-3
   chunk_size: int = 128
   top_k: int = 8
+  wrt: str | None = None
 
   def __post_init__(self):
     guard.check_fields(self)
@@ -69,6 +75,12 @@ class AttributionConfig:
     for name in ("num_draws", "proj_dim", "chunk_size", "top_k"):
       guard.at_least(self, name, 1)
     guard.at_least(self, "relative_damping", 0)
+    if self.wrt is not None:
+      try:
+        re.compile(self.wrt)
+      except re.error as e:
+        raise guard.ConfigError("wrt", f" = {guard.show(self.wrt)}: not a regular expression "
+                                f"({e})", "AttributionConfig") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +131,10 @@ class RunConfig:
                               "RunConfig")
 
   def to_json(self) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(self)))
+    d = json.loads(json.dumps(dataclasses.asdict(self)))
+    if d["attribution"].get("wrt") is None:  # the config of runs made before the field
+      del d["attribution"]["wrt"]
+    return d
 
   @classmethod
   def from_json(cls, d: dict, where: str | None = None) -> "RunConfig":

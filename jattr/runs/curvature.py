@@ -5,11 +5,11 @@
                         [--weight-sharing expand|reduce] [--num-draws 10]
                         [--timesteps uniform] [--draw-seed 0] [--damping λ]
                         [--estimation-mode ggn_curvature_prop] [--seed 0]
-                        [--batch-size 64] [--grad-batch-size B] [--overwrite]
+                        [--batch-size 64] [--grad-batch-size B] [--wrt REGEX] [--overwrite]
     jattr influence     --run DIR --curvature CURV --out scores.npz
                         [--measurement loss|elbo|loss_at_time|square_norm|weighted_loss|…]
                         [--time T] [--queries samples|test|train] [--damping λ]
-                        [--tile-size 256] [--chunk-size C]
+                        [--tile-size 256] [--chunk-size C] [--wrt REGEX]
 
 ``fit-curvature`` fits the GGN of the run's training loss
 
@@ -17,11 +17,16 @@
 
 at the run's EMA parameters, over its whole training set and K fixed draws, with
 ``jattr.curvature.fit_kfac`` (+ ``fit_ekfac``), ``fit_diagonal`` or, for models of at
-most ``MAX_DENSE_PARAMS`` parameters, the dense G (eigendecomposed once). K-FAC runs on the UNet rebuilt
-with ``conv_impl="xla"`` (kfac-jax recognises only ``lax.conv_general_dilated``; the
-parameters are the same); the per-example passes use the run's own ``apply_fn``. The
-state is saved with ``jattr.io.curvature_store.save_curvature``; its sidecar records
-what ``curvature_meta`` lists (model hash, draws, dataset, damping default…).
+most ``MAX_DENSE_PARAMS`` parameters, the dense G (eigendecomposed once). K-FAC runs
+on the UNet rebuilt with ``conv_impl="xla"`` (``jattr.models.kfac_apply_fn``; the
+parameters are the same), as it did when the factors came from kfac-jax, which
+recognises only ``lax.conv_general_dilated``. The native fit does not need it (its
+layer registry gives the im2col UNet the same blocks and factors); it is kept so
+that K-FAC fits stay comparable with earlier ones, and on CPU the native fit is
+faster on it (docs/benchmarks.md). The per-example passes use the run's own
+``apply_fn``. The state is saved with ``jattr.io.curvature_store.save_curvature``;
+its sidecar records what ``curvature_meta`` lists (model hash, draws, dataset,
+damping default…).
 
 ``influence`` loads the curvature (refusing one fitted to other parameters) and
 writes
@@ -34,6 +39,12 @@ training set itself as queries q, against every training example i, to an .npz
 curvature's draws; m_q the chosen measurement over the same draws. Query gradients
 are preconditioned once; training gradients are made ``--tile-size`` at a time, so
 memory is about (Q + tile)·P whatever N.
+
+``--wrt REGEX`` fits (and scores) with respect to the parameters whose paths match
+(``jattr.wrt``), the others held fixed: G is the GGN in θ_S, every gradient ∇_{θ_S}.
+The curvature records the selection (``meta["wrt"]``, ``selection_record``) and
+``influence`` takes it from there (a ``--wrt`` that disagrees is refused), so the
+curvature and the gradients always share one selection.
 """
 
 from __future__ import annotations
@@ -65,6 +76,8 @@ from jattr.progress import resolve as resolve_progress
 from jattr.runs.config import QUERIES
 from jattr.runs.features import query_examples
 from jattr.runs.run import load_run, training_data
+from jattr.runs.stores import selection_record
+from jattr.wrt import restrict
 
 CURVATURES = CURVATURE_KINDS
 """What ``fit_run_curvature`` fits (``approx``)."""
@@ -82,7 +95,8 @@ def curvature_meta(*, kind: str, model_hash: str, damping: float | None, weight_
                    num_draws: int, timesteps: str, draw_seed: int, dataset: str,
                    num_examples: int, examples_hash: str, estimation_mode: str,
                    num_samples: int, seed: int, parameterization: str = "eps",
-                   images_hash: str | None = None, **extra) -> dict:
+                   images_hash: str | None = None, selection: dict | None = None,
+                   **extra) -> dict:
   """The standard sidecar ``meta`` of a fitted curvature.
 
   Args:
@@ -97,6 +111,8 @@ def curvature_meta(*, kind: str, model_hash: str, damping: float | None, weight_
       curvature is refused with other images even where the indices agree.
     estimation_mode, num_samples, seed: how G was sampled.
     parameterization: how the network output is read.
+    selection: the ``selection_record`` of the ``wrt`` it was fitted with, stored as
+      ``"wrt"``; ``None`` (all parameters) stores nothing, as before selections.
     **extra: anything else (timings, versions, the model's config).
 
   Returns:
@@ -112,6 +128,7 @@ def curvature_meta(*, kind: str, model_hash: str, damping: float | None, weight_
                       **({} if images_hash is None else {"images_sha256": images_hash})},
           "estimation": {"mode": estimation_mode, "num_samples": int(num_samples),
                          "seed": int(seed)},
+          **({} if selection is None else {"wrt": dict(selection)}),
           **extra}
 
 
@@ -142,7 +159,7 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
                       num_samples: int = 1, seed: int = 0, batch_size: int = 64,
                       grad_batch_size: int | None = None, chunk_size: int | None = None,
                       max_dense_params: int = MAX_DENSE_PARAMS, overwrite: bool = False,
-                      progress: Progress | None = None):
+                      progress: Progress | None = None, wrt=None):
   """Fits a curvature of a run's training loss and saves it (what ``jattr fit-curvature`` does).
 
   Args:
@@ -163,6 +180,8 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
     overwrite: replace a curvature already in ``out``.
     progress: ``jattr.progress`` callback: each stage (K-FAC, EK-FAC, diagonal)
       reports 0/1 when it starts and 1/1 when it ends; the dense fit per batch.
+    wrt: the parameters to fit the curvature in (``jattr.wrt`` selector; ``None``:
+      all), the others held fixed; recorded in ``meta["wrt"]``.
 
   Returns:
     ``(state, meta)`` as saved.
@@ -195,7 +214,11 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
   guard.check_output_dir(out, "--out", kind="curvature directory", is_own=curvature_exists)
   report = resolve_progress(progress)
   run_dir = pathlib.Path(run_dir)
-  cfg, apply_fn, params = load_run(run_dir)
+  cfg, apply_fn, full_params = load_run(run_dir)
+  selection = selection_record(full_params, wrt)  # raises if it selects nothing
+  # K-FAC, EK-FAC, the diagonal and the dense G all run on the restricted model:
+  # the frozen leaves are constants, the curvature is that of θ_S.
+  apply_fn, params = restrict(apply_fn, full_params, wrt)
   p = num_params(params)
   if approx == "dense":
     check_dense_size(p, max_dense_params, what=f"--approx dense on run {run_dir}")
@@ -213,7 +236,7 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
   timings = {}
   t0 = time.perf_counter()
   if approx in ("kfac", "ekfac"):
-    kfac_apply = kfac_apply_fn(cfg.model)
+    kfac_apply, _ = restrict(kfac_apply_fn(cfg.model), full_params, wrt)
     stage = f"fit-curvature: K-FAC ({weight_sharing}), N = {n}, K = {num_draws}, P = {p:,}"
     report(stage, 0, 1)
     state = fit_kfac(kfac_apply, params, schedule, x0, draws, weight_sharing=weight_sharing,
@@ -246,7 +269,7 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
     del g
   timings["fit_seconds"] = time.perf_counter() - t0
   meta = curvature_meta(
-      kind=approx, model_hash=model_hash(params), damping=damping,
+      kind=approx, model_hash=model_hash(full_params), damping=damping,
       weight_sharing=weight_sharing if approx in ("kfac", "ekfac") else None,
       num_draws=num_draws, timesteps=timesteps, draw_seed=draw_seed, dataset=cfg.dataset,
       num_examples=n, examples_hash=array_hash(idx), images_hash=array_hash(np.asarray(ds.x)),
@@ -256,7 +279,7 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
                                "num_timesteps": cfg.num_timesteps},
       batch_size=int(batch_size), grad_batch_size=int(grad_batch_size),
       timings=timings, versions={"jattr": jattr_version, "jax": jax.__version__},
-      backend=jax.default_backend())
+      backend=jax.default_backend(), selection=selection)
   save_curvature(out, state, meta, overwrite=overwrite)
   return state, read_curvature_meta(out)
 
@@ -270,8 +293,8 @@ _UNSET = object()
 
 def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: int | None = None,
                   queries: str = "samples", damping=_UNSET, tile_size: int = 256,
-                  chunk_size: int | None = None, progress: Progress | None = None
-                  ) -> tuple[np.ndarray, dict]:
+                  chunk_size: int | None = None, progress: Progress | None = None,
+                  wrt=_UNSET) -> tuple[np.ndarray, dict]:
   """τ [Q, N] of a run's queries against its training set (what ``jattr influence`` does).
 
   ``jattr.methods.influence.influence`` with the saved curvature, its tiles written
@@ -289,13 +312,17 @@ def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: i
     tile_size: training examples per gradient tile.
     chunk_size: examples per vmap (None: the most whose gradients fit 1 GiB).
     progress: ``jattr.progress`` callback, per training tile.
+    wrt: the selector of the gradients; unset: the curvature's (``meta["wrt"]``,
+      none: all parameters). Given, it must select what the curvature was fitted
+      with (a different selection is refused).
 
   Returns:
     ``(tau float32 [Q, N], info)``, ``info`` holding the measurement, damping,
     query and curvature descriptions.
 
   Raises:
-    ValueError: a curvature of another model or training set, bad arguments.
+    ValueError: a curvature of another model, training set or selection, bad
+      arguments.
   """
 
   if queries not in QUERIES:
@@ -306,7 +333,15 @@ def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: i
   guard.check_count("chunk_size", chunk_size, optional=True)
   run_dir = pathlib.Path(run_dir)
   cfg, apply_fn, params = load_run(run_dir)
-  state, meta = load_curvature(curvature_dir, params)
+  if wrt is _UNSET:
+    stored = read_curvature_meta(curvature_dir).get("wrt")
+    wrt = None if stored is None else stored.get("selector")
+    if wrt in ("<callable>", "<mask>"):
+      raise ValueError(f"curvature {curvature_dir} was fitted with a Python selector "
+                       f"({wrt}); pass the same selector as wrt=")
+  selection = selection_record(params, wrt)
+  selected = params if wrt is None else restrict(apply_fn, params, wrt)[1]
+  state, meta = load_curvature(curvature_dir, params, selection=selection, selected=selected)
   ds, idx = training_data(cfg)
   if meta["dataset"]["indices_sha256"] != array_hash(idx):
     raise ValueError(f"curvature {curvature_dir} was fitted on another training set "
@@ -329,12 +364,13 @@ def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: i
   param = meta.get("parameterization", cfg.train.parameterization)
   tn = min(int(tile_size), n)
   if chunk_size is None:
-    chunk_size = max(1, min(tn, GRAD_BYTES // (4 * num_params(params))))
+    chunk_size = max(1, min(tn, GRAD_BYTES // (4 * num_params(selected))))
   tau = np.empty((q, n), np.float32)
   influence(apply_fn, params, cfg.noise_schedule, draws, x, xq, state, measurement=measurement,
             damping=damping, parameterization=param, time=time_, tile_size=tn,
-            chunk_size=chunk_size, out=tau, progress=progress)
+            chunk_size=chunk_size, out=tau, progress=progress, wrt=wrt)
   info = {"measurement": measurement, "time": time_, "damping": damping,
+          "wrt": selection,
           "queries": {**query_info, "num": q, "sha256": query_hash},
           "curvature": str(curvature_dir), "curvature_meta": meta,
           "train_indices": idx}

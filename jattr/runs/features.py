@@ -4,7 +4,7 @@
     jattr featurize --run DIR --out STORE [--queries train|test|samples] [--like STORE]
                     [--measurement square_norm] [--num-draws 10] [--timesteps uniform]
                     [--draw-seed 0] [--proj-dim 4096] [--proj-kind rademacher]
-                    [--proj-seed 0] [--chunk-size C] [--store-chunk-rows R]
+                    [--proj-seed 0] [--wrt REGEX] [--chunk-size C] [--store-chunk-rows R]
     jattr score     --train-store A --query-store B --method trak|grad_dot|grad_cosine
                     [--damping λ | --relative-damping c] --out scores.npz
 
@@ -16,6 +16,9 @@ split if it has one, else the images of the train split the run did not train on
 or the generated ``samples.npz`` of ``jattr sample``. ``--like TRAIN_STORE`` takes the
 measurement, draws and projection from a train store, so query features are made
 exactly as the train features were (a flag that contradicts it raises).
+``--wrt REGEX`` takes the gradient with respect to the parameters whose paths match
+(``jattr.wrt``; the others held fixed), recorded in the store as ``model.wrt``;
+``--like`` takes it from the train store too.
 
 ``score`` reads a train store Φ [N, k] and a query store Φ_q [Q, k], refuses them
 unless they share the model, measurement, draws and projection
@@ -36,6 +39,7 @@ import errno
 import json
 import os
 import pathlib
+import re
 from typing import Literal
 
 import jax
@@ -55,7 +59,8 @@ from jattr.models import num_params
 from jattr.progress import Progress
 from jattr.runs.config import QUERIES
 from jattr.runs.run import load_run, training_data
-from jattr.runs.stores import store_featurize
+from jattr.runs.stores import selection_record, store_featurize
+from jattr.wrt import split
 
 SCORE_METHODS = ("trak", "grad_dot", "grad_cosine")
 """What ``score_stores`` computes from two feature stores."""
@@ -64,7 +69,7 @@ TEST_SPLIT_DATASETS = ("fashion_mnist", "cifar2")
 queries are the train-split images outside the run's training subset."""
 SPEC_DEFAULTS = {"measurement": "square_norm", "num_draws": 10, "timesteps": "uniform",
                  "draw_seed": 0, "proj_dim": 4096, "proj_kind": "rademacher", "proj_seed": 0,
-                 "block_size": 1024, "time": None}
+                 "block_size": 1024, "time": None, "wrt": None}
 """The featurize options ``like`` can fill, with their defaults when there is no ``like``."""
 GRAD_CHUNK_BYTES = 1 << 30
 """Default budget for one chunk of per-example gradients (chunk_size × P float32)."""
@@ -90,6 +95,7 @@ class StoreModel:
   schedule: str | None = None
   num_timesteps: int | None = None
   parameterization: str | None = None
+  wrt: dict | None = None  # jattr.runs.selection_record; absent: all parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,10 +213,12 @@ def read_store(path: str | os.PathLike, flag: str = "store") -> FeatureStore:
 def _spec_from_store(config: dict) -> dict:
   """The featurize flags a store's config implies (for --like)."""
   m, d, p = config["measurement"], config["draws"], config["projection"]
+  selection = (config.get("model") or {}).get("wrt")
   return {"measurement": m["name"], "time": m["kwargs"].get("time"),
           "num_draws": d["num_draws"], "timesteps": d["timesteps"], "draw_seed": d["seed"],
           "proj_dim": p["dim"], "proj_kind": p["kind"], "proj_seed": p["seed"],
-          "block_size": p["block_size"]}
+          "block_size": p["block_size"],
+          "wrt": None if selection is None else selection.get("selector")}
 
 
 def resolve_spec(given: dict, like_config: dict | None = None) -> dict:
@@ -302,6 +310,18 @@ def _check_spec(s: dict) -> None:
   for name in ("draw_seed", "proj_seed"):
     guard.check_count(name, s[name], low=-2**63)
   guard.check_count("time", s["time"], optional=True, low=0)
+  if s["wrt"] is not None:
+    if s["wrt"] in ("<callable>", "<mask>"):
+      raise ValueError(f"wrt = {s['wrt']!r}: the --like store was featurized with a Python "
+                       "selector, which a command cannot repeat; featurize the queries with "
+                       "jattr.runs.store_featurize and the same selector")
+    if not isinstance(s["wrt"], str):
+      raise ValueError(f"wrt = {s['wrt']!r}: expected a regular expression on parameter paths "
+                       "(use jattr.runs.store_featurize for a predicate or a mask)")
+    try:
+      re.compile(s["wrt"])
+    except re.error as e:
+      raise ValueError(f"wrt = {s['wrt']!r} is not a regular expression: {e}") from None
   if (s["time"] is None) == (s["measurement"] == "loss_at_time"):
     raise ValueError("--time is needed by --measurement loss_at_time and by no other "
                      f"measurement (got measurement {s['measurement']!r}, time {s['time']!r})")
@@ -325,8 +345,8 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
     store_chunk_rows: rows per store chunk.
     progress: ``jattr.progress`` callback.
     **spec: ``measurement``, ``time``, ``num_draws``, ``timesteps``, ``draw_seed``,
-      ``proj_dim``, ``proj_kind``, ``proj_seed``, ``block_size`` (None or absent:
-      from ``like`` or the defaults).
+      ``proj_dim``, ``proj_kind``, ``proj_seed``, ``block_size``, ``wrt`` (a regex on
+      parameter paths, ``jattr.wrt``) (None or absent: from ``like`` or the defaults).
 
   Returns:
     The complete ``FeatureStore``.
@@ -366,16 +386,19 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
   model_info = {"unet": dataclasses.asdict(cfg.model), "schedule": cfg.schedule,
                 "num_timesteps": cfg.num_timesteps,
                 "parameterization": cfg.train.parameterization}
+  selection = selection_record(params, s["wrt"])  # raises if it selects nothing
   config = feature_config(
       params_hash=params_hash, measurement=s["measurement"], measurement_kwargs=kwargs,
       num_draws=s["num_draws"], timesteps=s["timesteps"], draw_seed=s["draw_seed"],
       projection=proj, dataset=dataset_info.pop("name"), num_examples=len(x),
-      examples_hash=examples_hash, model_info=model_info, dataset_info=dataset_info)
+      examples_hash=examples_hash, model_info=model_info, dataset_info=dataset_info,
+      selection=selection)
   store = FeatureStore.open(out, config, len(x), proj.dim, min(store_chunk_rows, len(x)))
   if chunk_size is None:
-    chunk_size = _auto_chunk_size(params, store.chunk_rows)
+    sub = params if s["wrt"] is None else split(params, s["wrt"])
+    chunk_size = _auto_chunk_size(sub, store.chunk_rows)
   return store_featurize(fn, params, x, proj, store, chunk_size=min(chunk_size, store.chunk_rows),
-                         progress=progress)
+                         progress=progress, wrt=s["wrt"])
 
 
 # ---------------------------------------------------------------------------------

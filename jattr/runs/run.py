@@ -241,7 +241,8 @@ def _sample_run(run: pathlib.Path, num: int | None, seed: int | None
 
 
 
-def attribute_run(run_dir: str | os.PathLike, *, progress: Progress | None = None) -> str:
+def attribute_run(run_dir: str | os.PathLike, *, progress: Progress | None = None,
+                  wrt: str | None = None) -> str:
   """Attributes the run's samples to its training images with (D-)TRAK; writes a report.
 
   Features are φ = Pᵀ∇_θ f(θ; x) with the run's ``AttributionConfig`` (f, K draws,
@@ -249,6 +250,9 @@ def attribute_run(run_dir: str | os.PathLike, *, progress: Progress | None = Non
   τ[q, i] = φ_qᵀ(ΦᵀΦ + λI)⁻¹φ_i (``jattr.methods.trak``). The report
   (``jattr.runs.write_run_report``, docs/report.md) shows each sample's proponents,
   opponents and pixel neighbours, the damping and the method's benchmark row.
+  ``wrt`` (a regex on parameter paths, ``jattr.wrt``; default: the config's
+  ``attribution.wrt``, None: all) takes the gradients with respect to the matching
+  parameters only.
 
   Returns:
     The path of ``attribution/index.html``.
@@ -256,6 +260,7 @@ def attribute_run(run_dir: str | os.PathLike, *, progress: Progress | None = Non
   run = pathlib.Path(run_dir)
   cfg, apply_fn, params = load_run(run)
   a = cfg.attribution
+  wrt = a.wrt if wrt is None else wrt
   if not (run / "samples.npz").exists():
     raise FileNotFoundError(f"{run / 'samples.npz'} not found: run `jattr sample --run {run}`")
   samples = np.load(run / "samples.npz")["x"]
@@ -268,8 +273,9 @@ def attribute_run(run_dir: str | os.PathLike, *, progress: Progress | None = Non
   out = run / "attribution"
   out.mkdir(exist_ok=True)
   t0 = time.perf_counter()
-  train_feats = _featurize_blocks(f, params, ds.x, proj, a.chunk_size, progress, "train")
-  query_feats = _featurize_blocks(f, params, samples, proj, a.chunk_size, progress, "samples")
+  train_feats = _featurize_blocks(f, params, ds.x, proj, a.chunk_size, progress, "train", wrt)
+  query_feats = _featurize_blocks(f, params, samples, proj, a.chunk_size, progress, "samples",
+                                  wrt)
   t_feat = time.perf_counter() - t0
   atomic.write_npy(out / "train_features.npy", train_feats)
   t0 = time.perf_counter()
@@ -287,6 +293,7 @@ def attribute_run(run_dir: str | os.PathLike, *, progress: Progress | None = Non
                "draws": f"K = {a.num_draws} ({a.timesteps}, seed {a.draw_seed})",
                "projection": f"k = {a.proj_dim} {a.proj_kind} (seed {a.proj_seed})",
                "damping": damping,
+               **({} if wrt is None else {"parameters": f"w.r.t. {wrt!r} (jattr.wrt)"}),
                "training images": f"N = {len(ds)} ({cfg.dataset})",
                "queries": f"{len(samples)} generated samples (samples.npz)",
                "time": f"featurization {t_feat:.1f} s, scoring {t_score:.1f} s"},
@@ -294,7 +301,7 @@ def attribute_run(run_dir: str | os.PathLike, *, progress: Progress | None = Non
 
 
 def _featurize_blocks(f, params, x, proj, chunk_size: int, progress: Progress | None,
-                      what: str):
+                      what: str, wrt=None):
   """``featurize`` over blocks of 4 chunks, reporting progress per block.
 
   One compiled program serves every block: the examples are split with
@@ -304,6 +311,7 @@ def _featurize_blocks(f, params, x, proj, chunk_size: int, progress: Progress | 
   blocks, _ = to_chunks(np.asarray(x), 4 * chunk_size)
   out = []
   for b, xb in enumerate(blocks):
-    out.append(np.asarray(featurize(f, params, jnp.asarray(xb), proj, chunk_size=chunk_size)))
+    out.append(np.asarray(featurize(f, params, jnp.asarray(xb), proj, chunk_size=chunk_size,
+                                    wrt=wrt)))
     report(f"featurize {what}", min((b + 1) * 4 * chunk_size, n), n)
   return np.concatenate(out)[:n]
