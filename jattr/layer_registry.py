@@ -123,13 +123,6 @@ class Registry:
   closed: Any
   out_tree: Any
 
-  def site_leaves(self) -> set:
-    out = set()
-    for s in self.sites:
-      out.update(i for i in (s.weight, s.bias) if i is not None)
-      if s.lora is not None:
-        out.update(s.lora[:2])
-    return out
 
 
 # ----------------------------------------------------------------- views of leaves
@@ -331,10 +324,10 @@ class _Finder:
       if all(x is _CONST for x in ins):
         env.update({v: _CONST for v in eqn.outvars})
         continue
+      consts_in = [x is _CONST for x in ins]
       ins = [None if x is _CONST else x for x in ins]
       if all(x is None for x in ins):
         continue
-      consts_in = [x is _CONST for x in (read(v) for v in eqn.invars)]
       out = self._eqn(eqn, prim, ins, key, consts, consts_in)
       if out is not None:
         env[eqn.outvars[0]] = out
@@ -343,9 +336,9 @@ class _Finder:
   def _eqn(self, eqn, prim, ins, key, consts, consts_in):
     in_shape = _shape(eqn.invars[0])
     if prim in _RENAME + _LAYOUT_NAMES and isinstance(ins[0], _SiteOut):
-      op = _layout_op(prim, eqn.params, in_shape, _shape(eqn.outvars[0]))
       if prim in _RENAME:
         return ins[0]
+      op = _layout_op(prim, eqn.params, in_shape, _shape(eqn.outvars[0]))
       if op is not None and op != "broadcast":
         return dataclasses.replace(ins[0], ops=ins[0].ops + (op,))
       return None

@@ -97,10 +97,7 @@ def fit(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws, *, wei
         "estimation_mode='fisher_empirical' is not supported by backend='kfac_jax': kfac-jax "
         "0.0.8 scales that G factor by 1/batch_size. The native backend supports it.")
   n = x0.shape[0]
-  batch = n if batch_size is None else int(batch_size)
-  if batch < 1:
-    raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
-  key = jax.random.PRNGKey(0) if key is None else key
+  batch = n if batch_size is None else int(batch_size)  # checked by fit_kfac, as is key
   dim = math.prod(x0.shape[1:])
   # kfac-jax's graph matcher compares avals including weak_type: a weakly typed
   # leaf (e.g. jnp.full(shape, 0.3)) silently fails to match its layer pattern.
