@@ -62,13 +62,10 @@ from jattr.features import ProjectionConfig, featurize
 from jattr.grads import per_example_flat_grads
 from jattr.models import digits_config, make_apply_fn, make_init_fn
 
-from _bench import ints, write_results  # the script's own folder
+from _bench import CompileClock, ints, log, write_results  # the script's own folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 T = 1000
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
 
 
 # ---------------------------------------------------------------------------------
@@ -122,22 +119,6 @@ def model(name: str):
 # ---------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------
-
-
-class CompileClock:
-  """Sums jax's compile-stage durations (tracing, lowering, backend compile)."""
-
-  def __init__(self):
-    self.total = 0.0
-    jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-  def _listen(self, event: str, duration: float, **kwargs) -> None:
-    if event in COMPILE_EVENTS:
-      self.total += duration
-
-
-def log(msg):
-  print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def configurations(apply_fn, params, x, args):

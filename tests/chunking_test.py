@@ -226,3 +226,32 @@ def test_trak_score_out_reports_each_tile(x64):
   calls.clear()
   trak.trak_score(state, phiq, progress=calls)  # one compiled program: no host loop to report
   assert calls == []
+
+
+_COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: _COMPILES.append(event)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+
+
+def test_a_second_call_compiles_nothing(problem):
+  """Calling a method again on the same model (a new measurement_fn, a new fit, a new
+  influence call) reuses every compiled program: no backend compile at all."""
+  params, x, draws, _ = problem
+  sched = SCHED
+
+  def run():
+    f = measurement_fn("square_norm", tiny_apply, sched, draws)  # a new object every call
+    phi = featurize(f, params, x, ProjectionConfig(16, "sparse"), chunk_size=3)
+    kf = kfac.fit_kfac(tiny_apply, params, sched, x, draws, batch_size=4, chunk_size=5)
+    ek = ekfac.fit_ekfac(tiny_apply, params, sched, x, draws, kf, batch_size=4)
+    dg = diagonal.fit_diagonal(tiny_apply, params, sched, x, draws)
+    tau = inf.influence(tiny_apply, params, sched, draws, x, x[:2], ek, chunk_size=3)
+    return phi, dg, tau
+
+  first = jax.block_until_ready(run())
+  _COMPILES.clear()
+  second = jax.block_until_ready(run())
+  assert _COMPILES == [], f"{len(_COMPILES)} programs compiled again"
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    np.testing.assert_array_equal(a, b)

@@ -244,6 +244,39 @@ def test_cli_featurize_and_score_round_trip(tmp_path, tiny_run):
                              rtol=1e-4, atol=1e-6)
 
 
+def test_cli_featurize_with_the_sparse_projection(tmp_path, tiny_run):
+  common = ["--num-draws", "2", "--proj-dim", "16", "--measurement", "loss", "--quiet"]
+  dense = _cli(["featurize", "--run", str(tiny_run), "--out", str(tmp_path / "d"), *common])
+  assert "nonzeros" not in dense.config["projection"]  # as stores made before the kind
+  sparse = _cli(["featurize", "--run", str(tiny_run), "--out", str(tmp_path / "s"), *common,
+                 "--proj-kind", "sparse", "--proj-nonzeros", "4"])
+  assert sparse.config["projection"] == {"dim": 16, "kind": "sparse", "seed": 0,
+                                         "block_size": 1024, "nonzeros": 4}
+  # the store holds exactly the library's sparse features of the run's training images
+  from jattr.diffusion import fixed_draws
+  from jattr.diffusion.measurements import measurement_fn
+  from jattr.features import ProjectionConfig, featurize
+  from jattr.runs.features import query_examples
+  from jattr.runs.run import load_run
+  cfg, apply_fn, params = load_run(tiny_run)
+  draws = fixed_draws(jax.random.key(0), 2, cfg.model.image_shape, cfg.num_timesteps)
+  fn = measurement_fn("loss", apply_fn, cfg.noise_schedule, draws,
+                      parameterization=cfg.train.parameterization)
+  x = query_examples(cfg, tiny_run, "train")[0]
+  want = featurize(fn, params, jnp.asarray(x), ProjectionConfig(16, "sparse", nonzeros=4))
+  np.testing.assert_allclose(sparse.read(), want, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(dense.read(), sparse.read())
+  with pytest.raises(ValueError, match=r"projection\.nonzeros: stored 4, given 2"):
+    _cli(["featurize", "--run", str(tiny_run), "--out", str(tmp_path / "s"), *common,
+          "--proj-kind", "sparse", "--proj-nonzeros", "2"])
+  query = _cli(["featurize", "--run", str(tiny_run), "--out", str(tmp_path / "q"),
+                "--queries", "samples", "--like", str(tmp_path / "s"), "--quiet"])
+  assert query.config["projection"] == sparse.config["projection"]
+  with pytest.raises(ValueError, match="proj_dim = 16: expected a multiple of proj_nonzeros = 3"):
+    _cli(["featurize", "--run", str(tiny_run), "--out", str(tmp_path / "s3"), *common,
+          "--proj-kind", "sparse", "--proj-nonzeros", "3"])
+
+
 def test_held_out_queries_are_the_images_the_run_did_not_train_on(tiny_run):
   from jattr.data import load_digits
   from jattr.runs import load_config, training_data

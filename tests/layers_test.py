@@ -96,6 +96,7 @@ def test_layer_names_are_the_kernel_paths_each_called_once(x64):
   assert specs["downsample/0/conv"][0] == st.Conv(strides=(2, 2), padding="SAME")
 
 
+@pytest.mark.slow  # 25 s; the fast cases: projection_test's structured dense and conv tests
 def test_structured_features_equal_projected_kernel_gradients(x64):
   """φ_l = vec(∂f/∂W_l) @ (P_in ⊗ P_out) for every kernel W_l of the UNet, exactly.
 

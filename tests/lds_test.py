@@ -116,6 +116,20 @@ def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
     lds_lib.bootstrap_ci(v, confidence=1.5)
 
 
+def test_paired_difference_is_sharper_than_the_two_intervals():
+  rng = np.random.default_rng(3)
+  difficulty = rng.normal(0.5, 0.2, size=80)  # shared by both methods, query by query
+  a = lds_lib.summarize(difficulty + 0.02 + rng.normal(0, 0.01, 80))
+  b = lds_lib.summarize(difficulty + rng.normal(0, 0.01, 80))
+  d = lds_lib.paired_difference(a, b)
+  np.testing.assert_allclose(d.per_query, a.per_query - b.per_query)
+  assert d.mean == pytest.approx(a.mean - b.mean)
+  assert a.ci_low < b.ci_high  # the unpaired intervals overlap ...
+  assert 0 < d.ci_low < 0.02 < d.ci_high  # ... the paired one excludes 0
+  with pytest.raises(ValueError, match="the same queries"):
+    lds_lib.paired_difference(a, lds_lib.summarize(difficulty[:10]))
+
+
 def test_measure_loss_matches_loop_over_draws():
   sched = diffusion.linear(50)
   images = jax.random.uniform(jax.random.key(0), (5, 4, 4, 1), minval=-1, maxval=1)

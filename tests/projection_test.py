@@ -14,7 +14,7 @@ from jattr.features import projection as proj
 from jattr.features import structured as st
 from jattr.grads import per_example as pe
 
-KINDS = ("gaussian", "rademacher")
+KINDS = ("gaussian", "rademacher", "sparse")
 
 
 def _normal(seed, *shape):
@@ -23,15 +23,66 @@ def _normal(seed, *shape):
 
 
 @pytest.mark.parametrize("kind,num_params,block_size",
-                         [("gaussian", 523, 100), ("rademacher", 300, 100), ("rademacher", 37, 64)])
+                         [("gaussian", 523, 100), ("rademacher", 300, 100), ("rademacher", 37, 64),
+                          ("sparse", 37, 64), ("sparse", 300, 100),
+                          # whole scatter groups (8 blocks of 1000 rows) and a ragged rest
+                          ("sparse", 2 * proj._SCATTER_ROWS + 523, 1000)])
 def test_blockwise_equals_materialised(x64, kind, num_params, block_size):
-  config = proj.ProjectionConfig(dim=48, kind=kind, seed=3, block_size=block_size)
+  config = proj.ProjectionConfig(dim=48, kind=kind, seed=3, block_size=block_size, nonzeros=4)
   g = _normal(0, 5, num_params)
   matrix = proj.projection_matrix(config, num_params, jnp.float64)
   assert matrix.shape == (num_params, 48)
   np.testing.assert_allclose(proj.project(config, g), g @ matrix, rtol=1e-12, atol=1e-12)
   if kind == "rademacher":
     np.testing.assert_allclose(np.abs(matrix), 1 / np.sqrt(48), rtol=1e-15)
+  if kind == "sparse":  # s = 4 non-zeros ±1/2 per row, one in each block of 12 columns
+    m = np.asarray(matrix)
+    np.testing.assert_array_equal((m != 0).sum(axis=1), 4)
+    np.testing.assert_allclose(np.abs(m[m != 0]), 0.5, rtol=1e-15)
+    for block in range(4):
+      np.testing.assert_array_equal((m[:, 12 * block:12 * (block + 1)] != 0).sum(axis=1), 1)
+
+
+def _independent_matrices(config, rows, copies):
+  """``copies`` independent [rows, k] draws of P: blocks b = 0, 1, … of one P (each
+  block of ``block_size = rows`` rows comes from its own ``fold_in(key, b)``)."""
+  m = proj.projection_matrix(config, rows * copies, jnp.float64)
+  return np.asarray(m).reshape(copies, rows, config.dim)
+
+
+@pytest.mark.parametrize("kind,nonzeros", [("rademacher", 4), ("sparse", 1), ("sparse", 4),
+                                           ("gaussian", 4)])
+def test_inner_product_unbiased_with_the_stated_variance(x64, kind, nonzeros):
+  """E[φ_gᵀφ_h] = gᵀh, and Var = (‖g‖²‖h‖² + (gᵀh)² − 2Σ_p g_p²h_p²)/k for the
+  Rademacher and sparse P (without the last term for the Gaussian one).
+
+  g and h share a heavy coordinate, so the Σ_p g_p²h_p² term is a third of the
+  variance and a wrong variance formula (the Gaussian one for the sparse P, or a
+  count-sketch of width k/s without averaging over the s blocks) fails.
+  """
+  p, k, copies = 16, 32, 8000
+  rng = np.random.default_rng(0)
+  g, h = rng.standard_normal(p), rng.standard_normal(p)
+  g[0], h[0] = 4.0, 3.0
+  config = proj.ProjectionConfig(k, kind, seed=5, block_size=p, nonzeros=nonzeros)
+  mats = _independent_matrices(config, p, copies)
+  est = np.einsum("p,cpk,q,cqk->c", g, mats, h, mats)
+  exact = g @ h
+  var = ((g @ g) * (h @ h) + exact ** 2 - (0 if kind == "gaussian" else 2) * np.sum(g**2 * h**2)) / k
+  # the mean within 4 standard errors; the sample variance within 12 % (its relative
+  # standard error is ≈ √((κ − 1)/copies) ≈ 3 % for these estimates' kurtosis κ)
+  assert abs(est.mean() - exact) < 4 * np.sqrt(var / copies), (est.mean(), exact)
+  assert abs(est.var() / var - 1) < 0.12, est.var() / var
+
+
+def test_sparse_projection_depends_on_the_seed_only(x64):
+  """The same seed gives the same P for any N and chunking; another seed another P."""
+  g = _normal(0, 6, 1500)
+  config = proj.ProjectionConfig(64, "sparse", seed=2, block_size=256, nonzeros=2)
+  a = proj.project(config, g)
+  np.testing.assert_array_equal(a[2:4], proj.project(config, g[2:4]))
+  other = proj.project(proj.ProjectionConfig(64, "sparse", seed=3, block_size=256, nonzeros=2), g)
+  assert not np.allclose(a, other)
 
 
 def test_same_seed_same_features():
@@ -84,10 +135,11 @@ def _mlp_fn(params, example):
   return jnp.sum(jnp.sin(h @ params["w2"]))
 
 
-def test_featurize_fuses_grads_and_projection(x64):
+@pytest.mark.parametrize("kind", ["gaussian", "sparse"])
+def test_featurize_fuses_grads_and_projection(x64, kind):
   params = {"w1": _normal(0, 6, 5), "w2": _normal(1, 5, 3)}
   x = _normal(2, 7, 6)
-  config = proj.ProjectionConfig(16, "gaussian", seed=1, block_size=8)
+  config = proj.ProjectionConfig(16, kind, seed=1, block_size=8)
   want = jax.jit(lambda p, x: pe.per_example_flat_grads(_mlp_fn, p, x)
                  @ proj.projection_matrix(config, 45, jnp.float64))(params, x)
   for chunk in (None, 3):
@@ -97,7 +149,13 @@ def test_featurize_fuses_grads_and_projection(x64):
 
 def test_config_errors():
   with pytest.raises(ValueError, match="kind must be one of"):
-    proj.ProjectionConfig(8, kind="sparse")
+    proj.ProjectionConfig(8, kind="count_sketch")
+  with pytest.raises(ValueError, match="dim = 10 must be a multiple of nonzeros = 4"):
+    proj.ProjectionConfig(10, kind="sparse", nonzeros=4)
+  with pytest.raises(ValueError, match="nonzeros must be >= 1"):
+    proj.ProjectionConfig(8, kind="sparse", nonzeros=0)
+  with pytest.raises(ValueError, match="StructuredConfig.kind must be one of"):
+    st.StructuredConfig(dim_in=2, dim_out=2, kind="sparse")
   with pytest.raises(ValueError, match="dim must be >= 1"):
     proj.ProjectionConfig(0)
   with pytest.raises(ValueError, match=r"flat_grads must have shape \[N, P\]"):
@@ -201,3 +259,14 @@ def test_packed_rademacher_entries_are_fair_independent_signs():
   np.testing.assert_allclose(np.diag(cols), 1.0)
   assert np.abs(cols - np.eye(100)).max() < 0.1
   assert not np.array_equal(m, np.asarray(block_matrix(cfg, 1)) * np.sqrt(100))
+
+
+def test_run_config_takes_the_sparse_projection_and_keeps_old_configs():
+  from jattr.runs import AttributionConfig, RunConfig
+  assert "proj_nonzeros" not in RunConfig().to_json()["attribution"]  # dense: as before
+  doc = RunConfig(attribution=AttributionConfig(proj_kind="sparse", proj_nonzeros=4)).to_json()
+  assert doc["attribution"]["proj_nonzeros"] == 4
+  assert RunConfig.from_json(doc).attribution.proj_nonzeros == 4
+  with pytest.raises(ValueError, match="proj_dim = 2048: expected a multiple of proj_nonzeros = 3"):
+    AttributionConfig(proj_kind="sparse", proj_nonzeros=3)
+

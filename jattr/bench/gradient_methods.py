@@ -66,18 +66,18 @@ def _split_kernels(params):
 def feature_fn(cache, *, measurement: str = "loss", num_draws: int = 10, draw_seed: int = 1,
                timesteps: str = "uniform", dim: int = 4096, kind: str = "rademacher",
                projection_seed: int = 0, chunk_size: int = 25, covered: str = "all",
-               wrt=None):
+               wrt=None, nonzeros: int = 2):
   """``features(images [B, H, W, C]) -> Φ [B, k]`` for the cache's full-data model.
 
   ``covered="kernels"`` projects the gradient of the Conv/Linear kernels only (the
   parameters the structured projection covers), holding biases and norms fixed.
   ``wrt``: the ``jattr.wrt`` selector of the parameters differentiated (within
-  ``covered``'s); ``None``: all.
+  ``covered``'s); ``None``: all. ``nonzeros``: s of a ``kind="sparse"`` projection.
   """
   if covered not in ("all", "kernels"):
     raise ValueError(f"covered must be 'all' or 'kernels', got {covered!r}")
   fn = _measurement_factory(cache, measurement, num_draws, draw_seed, timesteps)(cache.apply_fn)
-  config = ProjectionConfig(dim=dim, kind=kind, seed=projection_seed)
+  config = ProjectionConfig(dim=dim, kind=kind, seed=projection_seed, nonzeros=nonzeros)
   params = cache.full_params
   if covered == "kernels":
     params, rest = _split_kernels(params)
@@ -188,6 +188,18 @@ def _variants() -> dict:
   out["trak_gaussian"] = functools.partial(trak_method, measurement="loss", kind="gaussian")
   out["dtrak_square_norm_gaussian"] = functools.partial(trak_method, measurement="square_norm",
                                                         kind="gaussian")
+  # The sparse projection (s non-zeros per row of P, P·s adds per example instead of
+  # the dense 2·P·k flops), against the dense Rademacher rows above.
+  for nz in (1, 2, 4):
+    for f, prefix in (("loss", "trak"), ("square_norm", "dtrak_square_norm"),
+                      ("mean", "dtrak_mean")):
+      out[f"{prefix}_sparse_s{nz}"] = functools.partial(trak_method, measurement=f,
+                                                        kind="sparse", nonzeros=nz)
+  # Another dense P (seed 1): the projection's own noise, the yardstick of the above.
+  for f, prefix in (("loss", "trak"), ("square_norm", "dtrak_square_norm"), ("mean", "dtrak_mean")):
+    out[f"{prefix}_proj_seed1"] = functools.partial(trak_method, measurement=f, projection_seed=1)
+    out[f"{prefix}_sparse_s2_proj_seed1"] = functools.partial(
+        trak_method, measurement=f, kind="sparse", nonzeros=2, projection_seed=1)
   # Kernels only (biases and GroupNorm, 3.8% of the digits UNet, left out): the
   # structured projection with k_in × k_out = 20 × 8 per layer (4160 features over
   # the 26 layers; k_out = 8 = d_out of most layers, more would repeat the same

@@ -52,6 +52,9 @@ def add_parsers(sub) -> None:
                  help="k, projected dimension (default: 4096)")
   p.add_argument("--proj-kind", choices=PROJECTION_KINDS, help="default: rademacher")
   p.add_argument("--proj-seed", type=int, help="seed of the projection (default: 0)")
+  p.add_argument("--proj-nonzeros", type=flags.positive_int,
+                 help="non-zeros per row of a --proj-kind sparse P (default: 2; --proj-dim "
+                      "must be a multiple)")
   p.add_argument("--block-size", type=flags.positive_int,
                  help="rows of P regenerated at a time (default: 1024)")
   flags.wrt(p, help=flags.WRT_HELP.replace("(jattr.wrt;", "(jattr.wrt; with --like: the "

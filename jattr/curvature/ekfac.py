@@ -76,6 +76,26 @@ class EkfacState:
   layout: tuple = dataclasses.field(metadata=dict(static=True))
 
 
+@dataclasses.dataclass(frozen=True)
+class _EigenbasisSquares:
+  """``reduce_fn`` of ``fit_ekfac``: per Kronecker block Σ_r (Q_Aᵀ M_r Q_G)², per
+  diagonal leaf Σ_r γ_r² (hashable by its layout: refits reuse the compiled pass)."""
+
+  layout: tuple
+
+  def __call__(self, rows, bases):
+    leaves = jax.tree.leaves(rows)
+    out = []
+    for lay, basis in zip(self.layout, bases):
+      if lay.kind == "kronecker":
+        qa, qg = basis
+        m = to_block_matrix(lay, leaves)
+        out.append(jnp.sum(jnp.square(jnp.einsum("ai,rab,bj->rij", qa, m, qg)), axis=0))
+      else:
+        out.append(tuple(jnp.sum(jnp.square(leaves[i]), axis=0) for i in lay.leaf_indices))
+    return tuple(out)
+
+
 def fit_ekfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws,
               kfac_state: KfacState, *,
               estimation_mode: EstimationMode = DEFAULT_ESTIMATION_MODE,
@@ -112,20 +132,8 @@ def fit_ekfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
   bases = tuple((b.a_eigvecs, b.g_eigvecs) if lay.kind == "kronecker" else None
                 for lay, b in zip(layout, kfac_state.blocks))
 
-  def reduce_fn(rows, bases):
-    leaves = jax.tree.leaves(rows)
-    out = []
-    for lay, basis in zip(layout, bases):
-      if lay.kind == "kronecker":
-        qa, qg = basis
-        m = to_block_matrix(lay, leaves)
-        out.append(jnp.sum(jnp.square(jnp.einsum("ai,rab,bj->rij", qa, m, qg)), axis=0))
-      else:
-        out.append(tuple(jnp.sum(jnp.square(leaves[i]), axis=0) for i in lay.leaf_indices))
-    return tuple(out)
-
   stats = accumulate_sqrt_grads(
-      reduce_fn, bases, apply_fn, params, schedule, x0, draws, estimation_mode=estimation_mode,
+      _EigenbasisSquares(layout), bases, apply_fn, params, schedule, x0, draws, estimation_mode=estimation_mode,
       key=key, num_samples=num_samples, batch_size=batch_size, chunk_size=chunk_size,
       parameterization=parameterization, progress=progress, desc="ekfac")
   blocks = tuple(

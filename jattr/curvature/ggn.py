@@ -347,6 +347,14 @@ class _ReducedSqrtGrads:
     return self.reduce_fn(self.rows_fn(p, rows), aux)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _reduce_batch(kernel, options, params, aux, xb, draws, rng):
+  """One unchunked batch of ``accumulate_sqrt_grads`` (module-level and keyed by the
+  hashable kernel and options, so that a second fit reuses the compiled program)."""
+  rows = _sqrt_rows(params, xb, draws, rng, **dict(options))
+  return kernel.reduce_fn(kernel.rows_fn(params, rows), aux)
+
+
 def accumulate_sqrt_grads(reduce_fn: Callable, aux, apply_fn: ApplyFn, params: Params,
                           schedule: Schedule, x0, draws: Draws, *,
                           estimation_mode: EstimationMode = DEFAULT_ESTIMATION_MODE,
@@ -401,17 +409,13 @@ def accumulate_sqrt_grads(reduce_fn: Callable, aux, apply_fn: ApplyFn, params: P
   options = dict(apply_fn=apply_fn, schedule=schedule, estimation_mode=estimation_mode,
                  num_samples=int(num_samples), parameterization=parameterization)
   kernel = _ReducedSqrtGrads(_SqrtGradRows(apply_fn, schedule, leaf_indices), reduce_fn)
-
-  @jax.jit
-  def one_batch(p, aux, xb, rng):
-    rows = _sqrt_rows(p, xb, draws, rng, **options)
-    return reduce_fn(kernel.rows_fn(p, rows), aux)
+  static_options = tuple(sorted(options.items()))
 
   total = None
   for b, start in enumerate(range(0, n, batch)):
     xb, rng = x0[start:start + batch], jax.random.fold_in(key, b)
     if chunk_size is None:
-      part = one_batch(params, aux, xb, rng)
+      part = _reduce_batch(kernel, static_options, params, aux, xb, draws, rng)
       total = part if total is None else jax.tree.map(jnp.add, total, part)
     else:
       rows = _sqrt_rows(params, xb, draws, rng, **options)

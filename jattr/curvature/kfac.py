@@ -56,6 +56,7 @@ row), as (A ⊗ G) M = A M G.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import warnings
@@ -218,10 +219,13 @@ def _plan(registry: Registry) -> tuple[tuple, tuple, dict]:
   return tuple(plans), diag, reasons
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class _KfacStats:
   """The chunk kernel of the native ``fit_kfac``: Σ over a chunk of pairs of each
-  Kronecker block's (A, G) statistics and each diagonal leaf's Σ_r γ_r²."""
+  Kronecker block's (A, G) statistics and each diagonal leaf's Σ_r γ_r².
+
+  Equal for equal fields (the registry by identity: ``kfac_registry`` keeps it), so
+  that a second fit of the same model reuses the compiled chunk program."""
 
   apply_fn: ApplyFn
   schedule: Schedule
@@ -283,11 +287,35 @@ class _KfacStats:
     return tuple(stats), tuple(jnp.sum(jnp.square(d), axis=(0, 1)) for d in dleaves)
 
 
+_REGISTRIES: collections.OrderedDict = collections.OrderedDict()
+_REGISTRY_CACHE_SIZE = 8
+
+
 def kfac_registry(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws
                   ) -> Registry:
-  """The layer registry ``fit_kfac`` uses: ``apply_fn`` traced on one example-draw."""
+  """The layer registry ``fit_kfac`` uses: ``apply_fn`` traced on one example-draw.
+
+  The registry depends only on ``apply_fn`` and the shapes and dtypes of its inputs
+  (the jaxpr's constants are ``apply_fn``'s own), so the last few are kept: a second
+  fit of the same model finds the same ``Registry`` object, hence the same chunk
+  kernel, and reuses its compiled program instead of compiling it again.
+  """
   xt = q_sample(schedule, x0[:1], draws.t[:1], draws.eps[:1])
-  return find_layers(apply_fn, params, xt, draws.t[:1])
+  t = draws.t[:1]
+  leaves, treedef = jax.tree.flatten(params)
+  key = (apply_fn, treedef, tuple((jnp.shape(v), jnp.result_type(v)) for v in leaves),
+         (xt.shape, xt.dtype), (t.shape, t.dtype))
+  try:
+    registry = _REGISTRIES.get(key)
+  except TypeError:  # an unhashable apply_fn: trace it every time
+    return find_layers(apply_fn, params, xt, t)
+  if registry is None:
+    registry = _REGISTRIES[key] = find_layers(apply_fn, params, xt, t)
+    while len(_REGISTRIES) > _REGISTRY_CACHE_SIZE:
+      _REGISTRIES.popitem(last=False)
+  else:
+    _REGISTRIES.move_to_end(key)
+  return registry
 
 
 def fit_kfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws, *,

@@ -38,6 +38,7 @@ one example as one batch of K, so a measurement costs one network call.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import jax
@@ -165,31 +166,79 @@ def measurement_fn(name: str, apply_fn: ApplyFn, schedule: Schedule, draws: Draw
       raise ValueError("loss_at_time needs time=<int timestep in [0, T)>, got time=None")
     if isinstance(time, (int, np.integer)) and not 0 <= int(time) < T:
       raise ValueError(f"time must be in [0, T={T}), got {time}")
+  w = None
   if name == "weighted_loss":
     w = default_loss_weights(schedule, parameterization) if weights is None else weights
     if jnp.shape(w) != (T,):
       raise ValueError(f"weights must have shape [T]=({T},), got {jnp.shape(w)}")
-  image_shape = tuple(draws.eps.shape[1:])
+  return _Measurement(name, apply_fn, schedule, parameterization, time, draws, w)
 
-  def f(params: Params, x0: jax.Array) -> jax.Array:
+
+class _Measurement:
+  """``f(params, x0) -> scalar`` of ``measurement_fn``, equal to another when every
+  input is (the model function by identity, the draws and weights by value).
+
+  So two calls of ``measurement_fn`` with the same inputs give functions that share
+  their compiled programs: ``jax.jit`` caches a static argument by hash and
+  equality, and every chunk kernel of jattr holds its function as one. The draws'
+  digest is taken once, on the host; draws that are tracers (a ``measurement_fn``
+  built inside a caller's ``jit``) make the function equal only to itself.
+  """
+
+  __slots__ = ("name", "apply_fn", "schedule", "parameterization", "time", "draws",
+               "weights", "_key")
+
+  def __init__(self, name, apply_fn, schedule, parameterization, time, draws, weights):
+    self.name, self.apply_fn, self.schedule = name, apply_fn, schedule
+    self.parameterization, self.time, self.draws, self.weights = (parameterization, time,
+                                                                  draws, weights)
+    arrays = [draws.t, draws.eps] + ([] if weights is None else [weights])
+    self._key = ("object", id(self))  # equal only to itself, unless:
+    if not any(isinstance(a, jax.core.Tracer) for a in arrays + [time]):
+      h = hashlib.sha256()
+      for a in arrays:
+        a = np.asarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+      key = (name, schedule, parameterization, None if time is None else int(time),
+             h.hexdigest())
+      try:
+        hash(key)
+        self._key = key
+      except TypeError:  # an unhashable schedule-like object: identity it is
+        pass
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __eq__(self, other):
+    return (isinstance(other, _Measurement) and self._key == other._key
+            and self.apply_fn == other.apply_fn)
+
+  def __repr__(self):
+    return f"measurement_fn({self.name!r}, K={self.draws.t.shape[0]})"
+
+  def __call__(self, params: Params, x0: jax.Array) -> jax.Array:
+    name, apply_fn, schedule, draws = self.name, self.apply_fn, self.schedule, self.draws
+    image_shape = tuple(draws.eps.shape[1:])
     if x0.shape != image_shape:
       raise ValueError(f"x0 must be ONE image of shape {image_shape} (the draws' image "
                        f"shape), got {x0.shape}; batch examples with vmap")
     t, eps = draws.t, draws.eps.astype(x0.dtype)
     if name == "loss_at_time":
-      t = jnp.full_like(t, time)
+      t = jnp.full_like(t, self.time)
     xs, x_t, out = _noised_outputs(apply_fn, params, schedule, x0, t, eps)
     axes = _pixel_axes(out)
     if name in ("loss", "loss_at_time", "weighted_loss"):
-      mse = jnp.mean(jnp.square(target(schedule, xs, t, eps, parameterization) - out), axes)
+      mse = jnp.mean(jnp.square(target(schedule, xs, t, eps, self.parameterization) - out), axes)
       if name == "weighted_loss":
-        mse = jnp.asarray(w, out.dtype)[t] * mse
+        mse = jnp.asarray(self.weights, out.dtype)[t] * mse
       return jnp.mean(mse)
     if name == "elbo":
-      eps_hat, _ = to_eps_x0(schedule, out, x_t, t, parameterization)
+      eps_hat, _ = to_eps_x0(schedule, out, x_t, t, self.parameterization)
       sq = jnp.sum(jnp.square(eps - eps_hat), axes)
       lam = jnp.asarray(elbo_weights(schedule), out.dtype)[t]
-      return T * jnp.mean(lam * sq)
+      return schedule.num_timesteps * jnp.mean(lam * sq)
     if name == "square_norm":
       per_draw = jnp.mean(jnp.square(out), axes)
     elif name == "mean":
@@ -201,8 +250,6 @@ def measurement_fn(name: str, apply_fn: ApplyFn, schedule: Schedule, draws: Draw
     else:  # linf_norm
       per_draw = jnp.max(jnp.abs(out), axes)
     return jnp.mean(per_draw)
-
-  return f
 
 
 def trajectory_step_measurement(apply_fn: ApplyFn, schedule: Schedule, *,

@@ -13,6 +13,7 @@ from jattr.eval.lds import LdsResult
 from jattr.eval.lds import bootstrap_ci
 from jattr.eval.lds import lds_per_query
 from jattr.eval.lds import noise_ceiling
+from jattr.eval.lds import paired_difference
 from jattr.eval.lds import spearman_brown
 from jattr.eval.lds import split_halves
 from jattr.eval.lds import subset_masks

@@ -191,6 +191,26 @@ def bootstrap_ci(values, *, num_resamples: int = 10000, confidence: float = 0.95
   return float(lo), float(hi)
 
 
+def paired_difference(a: LdsResult, b: LdsResult, *, num_resamples: int = 10000,
+                      confidence: float = 0.95, seed: int = 0) -> LdsResult:
+  """LDS(a) − LDS(b) on the same queries: the mean per-query difference and its
+  bootstrap interval.
+
+  Two methods scored on the same queries share each query's difficulty, so the
+  per-query differences d_q = a_q − b_q vary much less than either score: their
+  interval is the sharper test of "a and b are within noise" than two overlapping
+  intervals.
+
+  Raises:
+    ValueError: a and b have different numbers of queries.
+  """
+  if a.per_query.shape != b.per_query.shape:
+    raise ValueError(f"a paired difference needs the same queries: got {a.per_query.shape[0]} "
+                     f"and {b.per_query.shape[0]} per-query values")
+  return summarize(a.per_query - b.per_query, num_resamples=num_resamples,
+                   confidence=confidence, seed=seed)
+
+
 def summarize(per_query, *, num_resamples: int = 10000, confidence: float = 0.95,
               seed: int = 0) -> LdsResult:
   """Mean and bootstrap interval of per-query values as an ``LdsResult``."""

@@ -64,7 +64,7 @@ from typing import Any, Callable, Literal, Union
 import jax
 import jax.numpy as jnp
 
-from jattr.features.projection import PROJECTION_KINDS, check_finite_params, random_matrix
+from jattr.features.projection import DENSE_KINDS, check_finite_params, random_matrix
 from jattr.grads.per_example import apply_chunks
 # plain_layer is re-exported: the docstring's contract names it as the ordinary layer.
 from jattr.layers import Conv, Dense, LayerFn, LayerSpec, apply_layer, plain_layer  # noqa: F401
@@ -99,8 +99,8 @@ class StructuredConfig:
     if int(self.dim_in) < 1 or int(self.dim_out) < 1:
       raise ValueError(f"StructuredConfig dims must be >= 1, got dim_in={self.dim_in}, "
                        f"dim_out={self.dim_out}")
-    if self.kind not in PROJECTION_KINDS:
-      raise ValueError(f"StructuredConfig.kind must be one of {PROJECTION_KINDS}, got {self.kind!r}")
+    if self.kind not in DENSE_KINDS:
+      raise ValueError(f"StructuredConfig.kind must be one of {DENSE_KINDS}, got {self.kind!r}")
 
 
 def layer_projections(config: StructuredConfig, name: str, d_in: int, d_out: int,

@@ -111,8 +111,13 @@ def describe_diff(a: dict, b: dict, keys: Iterable[str],
 
 
 def projection_spec(config: ProjectionConfig) -> dict:
-  """The JSON form of a ``ProjectionConfig`` (dim, kind, seed, block_size)."""
-  return dataclasses.asdict(config)
+  """The JSON form of a ``ProjectionConfig``: dim, kind, seed, block_size, and
+  nonzeros for the sparse kind only (so that the dense kinds read as they did before
+  the sparse kind existed)."""
+  spec = dataclasses.asdict(config)
+  if config.kind != "sparse":
+    del spec["nonzeros"]
+  return spec
 
 
 def feature_config(*, params_hash: str, measurement: str, num_draws: int, timesteps: str,

@@ -77,6 +77,19 @@ class _PreconditionedRows:
     return flatten_per_example(jax.vmap(self.ivp)(grads))
 
 
+@dataclasses.dataclass(frozen=True)
+class _TrainRows:
+  """τ[:, chunk]ᵀ [c, Q] from a chunk's training gradients [c, P] and Ψ [Q, P]
+  (hashable by the loss: a second ``influence`` call reuses the compiled program)."""
+
+  loss_fn: Callable
+
+  def __call__(self, args, xt):
+    p, psi = args
+    g = flatten_per_example(jax.vmap(jax.grad(self.loss_fn), in_axes=(None, 0))(p, xt))
+    return g.astype(psi.dtype) @ psi.T
+
+
 def precondition(query_grads: Params, inverse_vp: InverseVP, *,
                  chunk_size: int | None = None) -> jax.Array:
   """ψ_q = (C + λ I)⁻¹ ∇m_q for every query, flattened.
@@ -217,10 +230,7 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
   psi = precondition(query_grads, inverse_vp, chunk_size=chunk_size)
   del query_grads
 
-  def train_rows(args, xt):  # τ[:, chunk]ᵀ: [c, Q], from the chunk's gradients [c, P]
-    p, psi = args
-    g = flatten_per_example(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(p, xt))
-    return g.astype(psi.dtype) @ psi.T
+  train_rows = _TrainRows(loss_fn)
 
   def tile_scores(p, psi, xt):
     # One compiled chunk program for every chunk of every tile (a host loop when

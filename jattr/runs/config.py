@@ -46,8 +46,11 @@ class AttributionConfig:
     timesteps: ``"uniform"`` or ``"random"`` draw timesteps.
     draw_seed: seed of the draws.
     proj_dim: k, the random-projection dimension.
-    proj_kind: ``"rademacher"`` or ``"gaussian"``.
+    proj_kind: ``"rademacher"``, ``"gaussian"`` or ``"sparse"`` (``nonzeros``
+      non-zeros per row of P: P·s adds per example instead of 2·P·k flops).
     proj_seed: seed of the projection.
+    proj_nonzeros: s of the ``"sparse"`` projection (k a multiple of s); left out
+      of ``config.json`` for the dense kinds.
     relative_damping: TRAK damping λ as a fraction of the mean eigenvalue of ΦᵀΦ.
     chunk_size: examples whose gradients exist at once.
     top_k: training images shown per sample.
@@ -62,8 +65,9 @@ class AttributionConfig:
   timesteps: Literal["uniform", "random"] = "uniform"
   draw_seed: int = 0
   proj_dim: int = 2048
-  proj_kind: Literal["rademacher", "gaussian"] = "rademacher"
+  proj_kind: Literal["rademacher", "gaussian", "sparse"] = "rademacher"
   proj_seed: int = 0
+  proj_nonzeros: int = 2
   relative_damping: float = 1e-3
   chunk_size: int = 128
   top_k: int = 8
@@ -75,6 +79,12 @@ class AttributionConfig:
     for name in ("num_draws", "proj_dim", "chunk_size", "top_k"):
       guard.at_least(self, name, 1)
     guard.at_least(self, "relative_damping", 0)
+    guard.at_least(self, "proj_nonzeros", 1)
+    if self.proj_kind == "sparse" and self.proj_dim % self.proj_nonzeros:
+      raise guard.ConfigError("proj_dim", f" = {self.proj_dim}: expected a multiple of "
+                              f"proj_nonzeros = {self.proj_nonzeros} (the sparse projection "
+                              "has one non-zero in each of proj_nonzeros column blocks)",
+                              "AttributionConfig")
     if self.wrt is not None:
       try:
         re.compile(self.wrt)
@@ -134,6 +144,8 @@ class RunConfig:
     d = json.loads(json.dumps(dataclasses.asdict(self)))
     if d["attribution"].get("wrt") is None:  # the config of runs made before the field
       del d["attribution"]["wrt"]
+    if d["attribution"]["proj_kind"] != "sparse":  # as before the sparse kind existed
+      del d["attribution"]["proj_nonzeros"]
     return d
 
   @classmethod

@@ -3,8 +3,9 @@
 
     jattr featurize --run DIR --out STORE [--queries train|test|samples] [--like STORE]
                     [--measurement square_norm] [--num-draws 10] [--timesteps uniform]
-                    [--draw-seed 0] [--proj-dim 4096] [--proj-kind rademacher]
-                    [--proj-seed 0] [--wrt REGEX] [--chunk-size C] [--store-chunk-rows R]
+                    [--draw-seed 0] [--proj-dim 4096] [--proj-kind rademacher|gaussian|sparse]
+                    [--proj-seed 0] [--proj-nonzeros 2] [--wrt REGEX] [--chunk-size C]
+                    [--store-chunk-rows R]
     jattr score     --train-store A --query-store B --method trak|grad_dot|grad_cosine
                     [--damping λ | --relative-damping c] --out scores.npz
 
@@ -69,7 +70,7 @@ TEST_SPLIT_DATASETS = ("fashion_mnist", "cifar2")
 queries are the train-split images outside the run's training subset."""
 SPEC_DEFAULTS = {"measurement": "square_norm", "num_draws": 10, "timesteps": "uniform",
                  "draw_seed": 0, "proj_dim": 4096, "proj_kind": "rademacher", "proj_seed": 0,
-                 "block_size": 1024, "time": None, "wrt": None}
+                 "proj_nonzeros": 2, "block_size": 1024, "time": None, "wrt": None}
 """The featurize options ``like`` can fill, with their defaults when there is no ``like``."""
 GRAD_CHUNK_BYTES = 1 << 30
 """Default budget for one chunk of per-example gradients (chunk_size × P float32)."""
@@ -123,11 +124,14 @@ class StoreProjection:
   kind: str
   seed: int
   block_size: int
+  nonzeros: int | None = None  # the sparse kind's s; absent for the dense kinds
 
   def __post_init__(self):
     guard.one_of(self, "kind", PROJECTION_KINDS)
     guard.at_least(self, "dim", 1)
     guard.at_least(self, "block_size", 1)
+    if self.kind == "sparse":
+      guard.at_least(self, "nonzeros", 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +222,7 @@ def _spec_from_store(config: dict) -> dict:
           "num_draws": d["num_draws"], "timesteps": d["timesteps"], "draw_seed": d["seed"],
           "proj_dim": p["dim"], "proj_kind": p["kind"], "proj_seed": p["seed"],
           "block_size": p["block_size"],
+          "proj_nonzeros": p.get("nonzeros", SPEC_DEFAULTS["proj_nonzeros"]),
           "wrt": None if selection is None else selection.get("selector")}
 
 
@@ -305,8 +310,12 @@ def _check_spec(s: dict) -> None:
     raise ValueError(f"timesteps = {s['timesteps']!r}: expected 'uniform' or 'random'")
   if s["proj_kind"] not in PROJECTION_KINDS:
     raise ValueError(f"proj_kind = {s['proj_kind']!r}: expected one of {PROJECTION_KINDS}")
-  for name in ("num_draws", "proj_dim", "block_size"):
+  for name in ("num_draws", "proj_dim", "block_size", "proj_nonzeros"):
     guard.check_count(name, s[name])
+  if s["proj_kind"] == "sparse" and s["proj_dim"] % s["proj_nonzeros"]:
+    raise ValueError(f"proj_dim = {s['proj_dim']}: expected a multiple of proj_nonzeros = "
+                     f"{s['proj_nonzeros']} (the sparse projection has one non-zero in each "
+                     "of proj_nonzeros column blocks)")
   for name in ("draw_seed", "proj_seed"):
     guard.check_count(name, s[name], low=-2**63)
   guard.check_count("time", s["time"], optional=True, low=0)
@@ -345,8 +354,9 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
     store_chunk_rows: rows per store chunk.
     progress: ``jattr.progress`` callback.
     **spec: ``measurement``, ``time``, ``num_draws``, ``timesteps``, ``draw_seed``,
-      ``proj_dim``, ``proj_kind``, ``proj_seed``, ``block_size``, ``wrt`` (a regex on
-      parameter paths, ``jattr.wrt``) (None or absent: from ``like`` or the defaults).
+      ``proj_dim``, ``proj_kind``, ``proj_seed``, ``proj_nonzeros``, ``block_size``,
+      ``wrt`` (a regex on parameter paths, ``jattr.wrt``) (None or absent: from
+      ``like`` or the defaults).
 
   Returns:
     The complete ``FeatureStore``.
@@ -377,7 +387,7 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
                      f"({params_hash[:12]}…)")
   x, dataset_info, examples_hash = query_examples(cfg, run_dir, queries)
   proj = ProjectionConfig(dim=s["proj_dim"], kind=s["proj_kind"], seed=s["proj_seed"],
-                          block_size=s["block_size"])
+                          block_size=s["block_size"], nonzeros=s["proj_nonzeros"])
   draws = fixed_draws(jax.random.key(s["draw_seed"]), s["num_draws"], cfg.model.image_shape,
                       cfg.num_timesteps, s["timesteps"])
   kwargs = {} if s["time"] is None else {"time": s["time"]}

@@ -269,7 +269,7 @@ def attribute_run(run_dir: str | os.PathLike, *, progress: Progress | None = Non
                                 cfg.num_timesteps, a.timesteps)
   f = measurement_fn(a.measurement, apply_fn, cfg.noise_schedule, draws,
                      parameterization=cfg.train.parameterization)
-  proj = ProjectionConfig(a.proj_dim, a.proj_kind, a.proj_seed)
+  proj = ProjectionConfig(a.proj_dim, a.proj_kind, a.proj_seed, nonzeros=a.proj_nonzeros)
   out = run / "attribution"
   out.mkdir(exist_ok=True)
   t0 = time.perf_counter()
@@ -291,7 +291,8 @@ def attribute_run(run_dir: str | os.PathLike, *, progress: Progress | None = Non
       title=f"{method} attribution of {len(samples)} samples ({cfg.dataset})",
       details={"method": f"{method}, f = {a.measurement}",
                "draws": f"K = {a.num_draws} ({a.timesteps}, seed {a.draw_seed})",
-               "projection": f"k = {a.proj_dim} {a.proj_kind} (seed {a.proj_seed})",
+               "projection": f"k = {a.proj_dim} {a.proj_kind} (seed {a.proj_seed}"
+                             + (f", s = {a.proj_nonzeros})" if a.proj_kind == "sparse" else ")"),
                "damping": damping,
                **({} if wrt is None else {"parameters": f"w.r.t. {wrt!r} (jattr.wrt)"}),
                "training images": f"N = {len(ds)} ({cfg.dataset})",
