@@ -190,13 +190,11 @@ def _variants() -> dict:
                                                         kind="gaussian")
   # The sparse projection (s non-zeros per row of P, P·s adds per example instead of
   # the dense 2·P·k flops), against the dense Rademacher rows above.
-  for nz in (1, 2, 4):
-    for f, prefix in (("loss", "trak"), ("square_norm", "dtrak_square_norm"),
-                      ("mean", "dtrak_mean")):
+  # Another dense P (seed 1) is the projection's own noise, the yardstick of these.
+  for f, prefix in (("loss", "trak"), ("square_norm", "dtrak_square_norm"), ("mean", "dtrak_mean")):
+    for nz in (1, 2, 4):
       out[f"{prefix}_sparse_s{nz}"] = functools.partial(trak_method, measurement=f,
                                                         kind="sparse", nonzeros=nz)
-  # Another dense P (seed 1): the projection's own noise, the yardstick of the above.
-  for f, prefix in (("loss", "trak"), ("square_norm", "dtrak_square_norm"), ("mean", "dtrak_mean")):
     out[f"{prefix}_proj_seed1"] = functools.partial(trak_method, measurement=f, projection_seed=1)
     out[f"{prefix}_sparse_s2_proj_seed1"] = functools.partial(
         trak_method, measurement=f, kind="sparse", nonzeros=2, projection_seed=1)

@@ -133,8 +133,8 @@ def fit_ekfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
                 for lay, b in zip(layout, kfac_state.blocks))
 
   stats = accumulate_sqrt_grads(
-      _EigenbasisSquares(layout), bases, apply_fn, params, schedule, x0, draws, estimation_mode=estimation_mode,
-      key=key, num_samples=num_samples, batch_size=batch_size, chunk_size=chunk_size,
+      _EigenbasisSquares(layout), bases, apply_fn, params, schedule, x0, draws,
+      estimation_mode=estimation_mode, key=key, num_samples=num_samples, batch_size=batch_size, chunk_size=chunk_size,
       parameterization=parameterization, progress=progress, desc="ekfac")
   blocks = tuple(
       EkfacBlock(basis[0], basis[1], s) if lay.kind == "kronecker" else DiagBlock(tuple(s))

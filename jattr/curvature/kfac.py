@@ -56,8 +56,8 @@ row), as (A ⊗ G) M = A M G.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import functools
 import math
 import warnings
 from typing import NamedTuple
@@ -287,10 +287,6 @@ class _KfacStats:
     return tuple(stats), tuple(jnp.sum(jnp.square(d), axis=(0, 1)) for d in dleaves)
 
 
-_REGISTRIES: collections.OrderedDict = collections.OrderedDict()
-_REGISTRY_CACHE_SIZE = 8
-
-
 def kfac_registry(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws
                   ) -> Registry:
   """The layer registry ``fit_kfac`` uses: ``apply_fn`` traced on one example-draw.
@@ -302,20 +298,22 @@ def kfac_registry(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, dra
   """
   xt = q_sample(schedule, x0[:1], draws.t[:1], draws.eps[:1])
   t = draws.t[:1]
-  leaves, treedef = jax.tree.flatten(params)
-  key = (apply_fn, treedef, tuple((jnp.shape(v), jnp.result_type(v)) for v in leaves),
-         (xt.shape, xt.dtype), (t.shape, t.dtype))
   try:
-    registry = _REGISTRIES.get(key)
-  except TypeError:  # an unhashable apply_fn: trace it every time
+    hash(apply_fn)
+  except TypeError:  # an unhashable apply_fn: traced every time
     return find_layers(apply_fn, params, xt, t)
-  if registry is None:
-    registry = _REGISTRIES[key] = find_layers(apply_fn, params, xt, t)
-    while len(_REGISTRIES) > _REGISTRY_CACHE_SIZE:
-      _REGISTRIES.popitem(last=False)
-  else:
-    _REGISTRIES.move_to_end(key)
-  return registry
+  leaves, treedef = jax.tree.flatten(params)
+  return _abstract_registry(apply_fn, treedef, tuple(map(_abstract, leaves)), _abstract(xt),
+                            _abstract(t))
+
+
+def _abstract(v) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_registry(apply_fn, treedef, leaves, xt, t) -> Registry:
+  return find_layers(apply_fn, jax.tree.unflatten(treedef, leaves), xt, t)
 
 
 def fit_kfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws, *,

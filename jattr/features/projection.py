@@ -253,8 +253,6 @@ def project_grads_fn(fn: ExampleFn, config: ProjectionConfig
   Returns:
     ``features(params, examples [C, ...]) -> [C, k]``.
   """
-  batch_grad = jax.vmap(jax.grad(fn), in_axes=(None, 0))
-
   if config.kind == "sparse":  # the gradients made as Gᵀ [P, C]: no transpose of G
     batch_grad_t = jax.vmap(jax.grad(fn), in_axes=(None, 0), out_axes=-1)
 
@@ -264,6 +262,8 @@ def project_grads_fn(fn: ExampleFn, config: ProjectionConfig
       return _project_sparse(config, grads_t).T
 
     return features
+
+  batch_grad = jax.vmap(jax.grad(fn), in_axes=(None, 0))
 
   def features(params, examples):
     return project(config, flatten_per_example(batch_grad(params, examples)))
