@@ -29,3 +29,18 @@ TINY_LDS_SPEC = lds_cache.LdsSpec(
     train={"num_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 1,
            "segment_steps": 2},
     num_subsets=4, num_seeds=2, num_draws=3, sampler={"kind": "ddim", "num_steps": 5})
+
+
+def tiny_cond_init(key, c=1, hidden=4, num_classes=3):
+  """``tiny_init`` plus a class embedding of num_classes + 1 rows (the last: the null
+  class of classifier-free guidance)."""
+  k1, k2 = jax.random.split(key)
+  return {**tiny_init(k1, c, hidden), "emb": jax.random.normal(k2, (num_classes + 1, hidden))}
+
+
+def tiny_cond_apply(params, x, t, y):
+  conv = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = (conv(x, params["conv1"]) + (t[:, None, None, None] / 50.0) * params["temb"]
+       + params["emb"][y][:, None, None, :])
+  return conv(jnp.tanh(h), params["conv2"])

@@ -37,7 +37,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
@@ -68,8 +67,8 @@ def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand"
   """
   if approx not in APPROXIMATIONS:
     raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
-  train = jnp.asarray(cache.train_images)
-  shape = tuple(train.shape[1:])
+  train = cache.train_examples
+  shape = tuple(cache.train_images.shape[1:])
   draws = draws_lib.fixed_draws(jax.random.key(draw_seed), num_draws, shape,
                                 cache.schedule.num_timesteps)
   param = cache.train_config.parameterization
@@ -151,7 +150,7 @@ def influence_method(cache, *, approx: str = "kfac", weight_sharing: str = "expa
                   static_argnums=0)
   # N × P and Q × P gradients fit easily at this size: computed once, reused over
   # the damping grid (``influence`` recomputes them tile by tile for large N).
-  train_grads = grads(loss, jnp.asarray(cache.train_images))
+  train_grads = grads(loss, cache.train_examples)
   query_grads = {}
   unravel = ravel_pytree(params)[1]
 
@@ -162,16 +161,16 @@ def influence_method(cache, *, approx: str = "kfac", weight_sharing: str = "expa
     train_rot = np.asarray(train_grads, np.float64) @ state.eigvecs
 
   def score_fn(hparams, queries):
-    key = (queries.name, queries.images.shape)
+    key = queries.memo_key
     factor = hparams.get("damping_factor", 0.1)
     if dense:
       if key not in query_grads:
-        query_grads[key] = np.asarray(grads(m_fn, jnp.asarray(queries.images)),
+        query_grads[key] = np.asarray(grads(m_fn, queries.examples),
                                       np.float64) @ state.eigvecs
       lam = factor * float(np.mean(state.eigvals))
       return (query_grads[key] / (state.eigvals + lam)) @ train_rot.T
     if key not in query_grads:
-      query_grads[key] = jax.vmap(unravel)(grads(m_fn, jnp.asarray(queries.images)))
+      query_grads[key] = jax.vmap(unravel)(grads(m_fn, queries.examples))
     ivp = inverse_vp_fn(state, damping_factor=factor)
     return np.asarray(influence_scores(query_grads[key], train_grads, ivp, chunk_size=50))
 

@@ -205,7 +205,8 @@ def run_lds(config: dict, *, methods=None, scores: dict | None = None,
   t0 = time.perf_counter()
   cache = build_cache(config, progress=progress)
   boot = config.get("bootstrap", {})
-  reported = [cache.splits[s] for s in ("test", "generated") if cache.splits[s].y.shape[0]]
+  split_names = ("test",) + cache.spec.generated_splits  # + generated_g3 etc. if guided
+  reported = [cache.splits[s] for s in split_names if cache.splits[s].y.shape[0]]
   reports, timing = [], {}
   for name in names:
     name, factory = method_factory(name, config.get("variants"), wrt)
@@ -227,7 +228,7 @@ def run_lds(config: dict, *, methods=None, scores: dict | None = None,
   path = results_path or config.get("results")
   previous = _previous_reports(path, cache.spec.digest()) if path else {}
   merged = {**previous, **{r.method: r.to_dict() for r in reports}}
-  table = (results_table([MethodReport.from_dict(d) for d in merged.values()])
+  table = (results_table([MethodReport.from_dict(d) for d in merged.values()], split_names)
            if merged else "")
   record = {"name": config.get("name"), "spec": cache.spec.to_dict(),
             "spec_digest": cache.spec.digest(), "cache": summary,
@@ -237,7 +238,7 @@ def run_lds(config: dict, *, methods=None, scores: dict | None = None,
   if path:
     lds_cache.save_report(path, record)
   print(_header(cache, summary), file=out)
-  print(results_table(reports) if reports else "", file=out)
+  print(results_table(reports, split_names) if reports else "", file=out)
   for name, tm in timing.items():
     print(f"  {name}: setup {tm['setup_s']:.1f} s, scoring {tm['scoring_s']:.1f} s "
           f"({tm['grid_size']} grid points on validation + the reported splits)", file=out)
@@ -353,14 +354,17 @@ def run_counterfactual(config: dict, *, method: str | None = None, scores: str |
   # The random controls depend on (Q, ks, random_seed) only: trained once, shared.
   control = (cache.directory / "counterfactual" /
              f"random-control-q{num_queries}-k{'_'.join(map(str, ks))}-r{random_seed}")
-  res = run_removal(cache.apply_fn, cache.init_fn, cache.schedule, cache.train_images,
+  res = run_removal(cache.apply_fn, cache.init_fn, cache.schedule, cache.train_examples,
                     cache.train_config, tau,
                     lds_cache.make_sample_fn(cache.apply_fn, cache.spec, image_shape),
                     keys, gen.queries.images[:num_queries], seed=cache.spec.full_seed, ks=ks,
                     random_seed=random_seed, strategy=config.get("strategy", "map"),
                     chunk_size=config.get("chunk_size"),
                     checkpointer=checkpoint.Checkpointer(ckpt),
-                    control_checkpointer=checkpoint.Checkpointer(control), progress=progress)
+                    control_checkpointer=checkpoint.Checkpointer(control), progress=progress,
+                    sample_cond=(None if gen.queries.cond is None
+                                 else gen.queries.cond[:num_queries]),
+                    **cache.train_options)
   rows = res.summary()
   record = {"name": config.get("name"), "spec_digest": cache.spec.digest(), "method": method,
             "chosen": chosen, "chosen_from": chosen_from, "num_queries": num_queries,

@@ -159,10 +159,11 @@ def _build(cache, spec, directory, strategy, chunk_size, data_dir, progress) -> 
   model_dir = directory / "members"
   done = checkpoint.latest_step(model_dir) == config.num_steps
   wall, cpu = time.perf_counter(), time.process_time()
-  res = train_many(cache.apply_fn, cache.init_fn, cache.schedule, cache.train_images, masks,
+  res = train_many(cache.apply_fn, cache.init_fn, cache.schedule, cache.train_examples, masks,
                    [spec.seed] * spec.num_members, config, strategy=strategy,
                    chunk_size=chunk_size, checkpointer=checkpoint.Checkpointer(model_dir),
-                   meta={"ensemble": record["digest"]}, progress=progress)
+                   meta={"ensemble": record["digest"]}, progress=progress,
+                   **cache.train_options)
   if not done:
     lds_cache.add_timing(directory, "train_members", time.perf_counter() - wall,
                          time.process_time() - cpu)
@@ -197,8 +198,11 @@ def measure_splits(ensemble: Ensemble, cache: lds_cache.LdsCache, *, num_draws: 
                          parameterization=cache.train_config.parameterization,
                          query_chunk=query_chunk)
   wall, cpu = time.perf_counter(), time.process_time()
-  images = np.concatenate([cache.splits[s].queries.images for s in names])
-  y = np.asarray(fn(ensemble.params, jnp.asarray(images)), np.float64)
+  queries = jnp.asarray(np.concatenate([cache.splits[s].queries.images for s in names]))
+  if cache.spec.conditional:
+    queries = (queries, jnp.asarray(np.concatenate([cache.splits[s].queries.cond
+                                                    for s in names])))
+  y = np.asarray(fn(ensemble.params, queries), np.float64)
   bounds = np.cumsum([0] + [cache.splits[s].queries.images.shape[0] for s in names])
   out = {s: y[a:b] for s, a, b in zip(names, bounds[:-1], bounds[1:])}
   atomic.write_npz(path, **out)

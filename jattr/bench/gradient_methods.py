@@ -34,6 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 from jattr import models
+from jattr.diffusion import conditioning
 from jattr.diffusion import draws as draws_lib
 from jattr.diffusion.measurements import measurement_fn
 from jattr.features.projection import ProjectionConfig, featurize
@@ -87,10 +88,10 @@ def feature_fn(cache, *, measurement: str = "loss", num_draws: int = 10, draw_se
       merged = {**traverse_util.flatten_dict(kernels), **rest}
       return full_fn(traverse_util.unflatten_dict(merged), x0)
 
-  def features(images):
-    images = jnp.asarray(images, _dtype(cache.full_params))
-    return featurize(fn, params, images, config, chunk_size=min(chunk_size, images.shape[0]),
-                     wrt=wrt)
+  def features(examples):
+    examples = _as_examples(examples, cache.full_params)
+    n = conditioning.count(examples)
+    return featurize(fn, params, examples, config, chunk_size=min(chunk_size, n), wrt=wrt)
 
   return features
 
@@ -116,10 +117,10 @@ def structured_feature_fn(cache, *, measurement: str = "loss", num_draws: int = 
   config = StructuredConfig(dim_in=dim_in, dim_out=dim_out, kind=kind, seed=projection_seed)
   params = cache.full_params
 
-  def features(images):
-    images = jnp.asarray(images, _dtype(cache.full_params))
-    return structured_featurize(fn, params, images, config,
-                                chunk_size=min(chunk_size, images.shape[0]), wrt=wrt)
+  def features(examples):
+    examples = _as_examples(examples, cache.full_params)
+    return structured_featurize(fn, params, examples, config,
+                                chunk_size=min(chunk_size, conditioning.count(examples)), wrt=wrt)
 
   return features
 
@@ -129,14 +130,21 @@ def _dtype(params):
   return jax.tree.leaves(params)[0].dtype
 
 
+def _as_examples(examples, params):
+  """Images (or ``(images, cond)``) on the device, the images in the params' dtype."""
+  images, cond = conditioning.split(examples)
+  images = jnp.asarray(images, _dtype(params))
+  return conditioning.join(images, None if cond is None else jax.tree.map(jnp.asarray, cond))
+
+
 def _cached_query_features(features):
   """Featurises each query split once (the λ grid reuses them)."""
   memo = {}
 
   def get(queries):
-    key = (queries.name, queries.images.shape)
+    key = queries.memo_key
     if key not in memo:
-      memo[key] = features(queries.images)
+      memo[key] = features(queries.examples)
     return memo[key]
 
   return get
@@ -149,7 +157,7 @@ def trak_method(cache, *, grid=RELATIVE_DAMPING_GRID, featurizer=feature_fn,
   ``featurizer`` is ``feature_fn`` (dense projection) or ``structured_feature_fn``.
   """
   features = featurizer(cache, **feature_options)
-  train = features(cache.train_images)
+  train = features(cache.train_examples)
   query_features = _cached_query_features(features)
   states = {}
 
@@ -167,7 +175,7 @@ def grad_similarity_method(cache, *, similarity: str = "dot", **feature_options)
   if similarity not in ("dot", "cosine"):
     raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
   features = feature_fn(cache, **feature_options)
-  train = features(cache.train_images)
+  train = features(cache.train_examples)
   query_features = _cached_query_features(features)
   score = baselines.grad_dot if similarity == "dot" else baselines.grad_cosine
 

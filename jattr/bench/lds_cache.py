@@ -19,6 +19,14 @@ and the cache lives in ``<root>/<dataset>-<hash>/``:
                                 once its models are trained
     timing.json                 wall-clock and CPU seconds per stage, summed over
                                 resumptions
+    autoencoder.npz             a latent benchmark's autoencoder (``LdsSpec.latent``),
+                                trained once on the N training images
+
+A latent benchmark (``LdsSpec.latent`` set) trains that autoencoder right after the
+split, encodes the training and held-out images, and runs everything else (the
+full and subset models, generation, the measurements) on the latents: the cache's
+``train_images`` and query ``x`` are then latents, and ``train_pixels`` /
+``query_pixels`` hold the images (held-out originals, generated decoded) for display.
 
 ``build`` runs the stages in order and skips every stage whose output exists, so a
 second call with the same spec reads the cache and trains nothing, and a build
@@ -47,6 +55,7 @@ import numpy as np
 from jattr import data as data_lib
 from jattr import models
 from jattr.diffusion import draws as draws_lib
+from jattr.diffusion.latent import LatentSpace, decode_latents, encode_images
 from jattr.diffusion import samplers
 from jattr.diffusion.schedules import Schedule
 from jattr.eval.lds import noise_ceiling, spearman_brown, subset_masks, subset_size
@@ -55,6 +64,8 @@ from jattr.eval.selection import Queries, QuerySet
 from jattr.io import atomic, checkpoint, guard
 from jattr.io.hashing import array_hash
 from jattr.io.lock import DirectoryLock
+from jattr.models.autoencoder import (LATENT_SCALING, LatentConfig, autoencoder_space,
+                                      pack_autoencoder, unpack_autoencoder)
 from jattr.progress import Progress
 from jattr.train import TrainConfig, init_state, make_optimizer, member_keys, train_many
 from jattr.types import ApplyFn, Params
@@ -63,6 +74,8 @@ FORMAT_VERSION = 1
 SPLITS = ("validation", "test", "generated")
 DATA_RECORD = "data.json"
 """The fingerprint of the training images the cache was built from."""
+AUTOENCODER_FILE = "autoencoder.npz"
+"""A latent benchmark's autoencoder (``jattr.models.autoencoder.pack_autoencoder``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +83,8 @@ class LdsSpec:
   """Everything that defines an LDS benchmark; its hash names the cache.
 
   Attributes:
-    dataset: a ``jattr.data.DATASET_NAMES`` entry.
+    dataset: a ``jattr.data.DATASET_NAMES`` entry, or the path of your own data (an
+      image folder or an .npz / .npy file; ``jattr.data.load_dataset``).
     data_split: which split of the dataset to draw train and held-out queries from.
     image_size: resize images to this side first (None: keep).
     classes: keep only these labels (None: all).
@@ -95,6 +109,21 @@ class LdsSpec:
     draw_timesteps: ``"uniform"`` (range(0, T, T//K)) or ``"random"``.
     sampler: ``{"kind": "ddim", "num_steps": 50, "eta": 0.0}`` or ``{"kind": "ddpm"}``.
     sample_seed: generated sample j uses the key ``fold_in(key(sample_seed), j)``.
+    conditional: class-conditional benchmark: every model is trained on the pairs
+      (image, label), the UNet gets ``num_classes`` (the dataset's labels) and its
+      null class, held-out queries carry their labels and generated sample j is
+      drawn for class j mod num_classes. For classifier-free guidance, train with
+      ``train.cond_dropout`` > 0.
+    guidance_scales: conditional only: the classifier-free guidance scales of the
+      generated queries. The first gives the ``generated`` split; every further
+      scale s adds a split ``generated_g{s}`` of samples from the same keys and
+      classes (``generated_split_name``), measured under the same subset models.
+    latent: latent diffusion: ``jattr.models.autoencoder.LatentConfig`` fields (``{}``
+      for its defaults). The cache trains that autoencoder once on the N training
+      images (``autoencoder.npz``, deterministic), and every model is trained,
+      sampled and measured on latents; the UNet's ``image_shape`` is the latent
+      shape, and a model passed to ``build`` must take latents. None (the default,
+      left out of the hash): pixel space.
   """
 
   dataset: str = "digits"
@@ -121,6 +150,9 @@ class LdsSpec:
   sampler: dict = dataclasses.field(
       default_factory=lambda: {"kind": "ddim", "num_steps": 50, "eta": 0.0})
   sample_seed: int = 0
+  conditional: bool = False
+  guidance_scales: tuple[float, ...] = (1.0,)
+  latent: dict | None = None
 
   def __post_init__(self):
     # Every field's type first (jattr.io.guard), then the values: a spec from a file
@@ -128,7 +160,22 @@ class LdsSpec:
     guard.check_fields(self)
     if self.classes is not None:
       object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
-    guard.one_of(self, "dataset", data_lib.DATASET_NAMES)
+    object.__setattr__(self, "guidance_scales", tuple(float(s) for s in self.guidance_scales))
+    if not self.guidance_scales or any(not s >= 0 for s in self.guidance_scales):
+      raise guard.ConfigError("guidance_scales", f" = {list(self.guidance_scales)}: expected "
+                              "a non-empty list of scales >= 0", "LdsSpec")
+    if self.conditional and not isinstance(self.model.get("num_classes"), int):
+      raise guard.ConfigError("model.num_classes", ": a conditional benchmark needs the "
+                              "model's number of classes (an int; label num_classes is the "
+                              "null class of guidance)", "LdsSpec")
+    if not self.conditional and self.guidance_scales != (1.0,):
+      raise guard.ConfigError("guidance_scales", f" = {list(self.guidance_scales)}: guidance "
+                              "needs a conditional benchmark (conditional: true)", "LdsSpec")
+    try:
+      data_lib.dataset_source(self.dataset)  # a built-in name or your own data's path
+    except ValueError as e:
+      raise guard.ConfigError("dataset", f" = {guard.show(self.dataset)}: {e}",
+                              "LdsSpec") from None
     guard.one_of(self, "draw_timesteps", ("uniform", "random"))
     guard.at_least(self, "image_size", 1, optional=True)
     for name in ("num_train", "num_subsets", "num_seeds", "num_draws"):
@@ -146,6 +193,8 @@ class LdsSpec:
       guard.from_dict(TrainConfig, self.train, key="train")  # the recipe
       schedule = guard.from_dict(Schedule, self.schedule, key="schedule")
       _check_sampler_spec(self.sampler)
+      if self.latent is not None:
+        guard.from_dict(LatentConfig, self.latent, key="latent")
     except guard.ConfigError as e:
       raise guard.ConfigError(e.key, e.problem, "LdsSpec", rel=e.rel) from None
     if self.num_draws > schedule.num_timesteps and self.draw_timesteps == "uniform":
@@ -171,7 +220,17 @@ class LdsSpec:
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["classes"] = None if self.classes is None else list(self.classes)
+    d["guidance_scales"] = list(self.guidance_scales)
+    if not self.conditional:  # unconditional specs keep the digests they had
+      del d["conditional"], d["guidance_scales"]
+    if self.latent is None:  # pixel specs keep the digests they had
+      del d["latent"]
     return d
+
+  @property
+  def generated_splits(self) -> tuple[str, ...]:
+    """The generated query splits: ``generated``, then one per further guidance scale."""
+    return ("generated",) + tuple(generated_split_name(s) for s in self.guidance_scales[1:])
 
   def digest(self) -> str:
     """Hex SHA-256 of the canonical JSON of the spec (and the format version)."""
@@ -185,6 +244,22 @@ class LdsSpec:
   @property
   def noise_schedule(self) -> Schedule:
     return Schedule(**self.schedule)
+
+  @property
+  def latent_config(self) -> LatentConfig | None:
+    """The autoencoder of a latent benchmark, or None."""
+    return None if self.latent is None else LatentConfig(**self.latent)
+
+  def model_shape(self, image_shape) -> tuple[int, int, int]:
+    """The shape the models work on for images of ``image_shape``: the images', or
+    their latents' for a latent benchmark."""
+    latent = self.latent_config
+    return tuple(image_shape) if latent is None else latent.latent_shape(image_shape)
+
+
+def generated_split_name(scale: float) -> str:
+  """``generated_g3`` for guidance scale 3, ``generated_g1.5`` for 1.5."""
+  return f"generated_g{float(scale):g}"
 
 
 DATASET_IMAGE_SHAPES = {"digits": (8, 8, 1), "fashion_mnist": (28, 28, 1),
@@ -222,7 +297,7 @@ def check_unet_model(spec: LdsSpec) -> None:
     h, w, c = DATASET_IMAGE_SHAPES.get(spec.dataset, base.image_shape)
     if spec.image_size is not None:
       h = w = spec.image_size
-    dataclasses.replace(base, image_shape=(h, w, c), **fields)
+    dataclasses.replace(base, image_shape=spec.model_shape((h, w, c)), **fields)
   except (ValueError, TypeError) as e:
     raise guard.ConfigError("model", f": {e}") from None
 
@@ -251,7 +326,10 @@ class LdsCache:
   Attributes:
     spec: the spec it was built from.
     directory: where it lives.
-    train_images: the N training images [N, H, W, C] (float32, [−1, 1]).
+    train_images: the N training images [N, H, W, C] (float32, [−1, 1]); for a
+      latent benchmark (``spec.latent``) their latents [N, h, w, c], what every model
+      trains on (the splits' query ``x`` are latents too).
+    train_cond: their labels [N] for a conditional benchmark, else None.
     train_indices: their indices into the loaded dataset split [N].
     masks: subset membership [M, N].
     splits: ``QuerySet`` by split name (``validation``, ``test``, ``generated``),
@@ -263,6 +341,10 @@ class LdsCache:
     memo: results the harness's methods share within one process (a fitted
       curvature, unlearned losses), keyed by the method's options; tied to this
       loaded cache, so nothing outlives it or leaks into another cache.
+    latent_space: a latent benchmark's autoencoder space, else None.
+    train_pixels: a latent benchmark's training images [N, H, W, C], else None.
+    query_pixels: a latent benchmark's query images by split, for display: the
+      held-out images themselves, the generated ones decoded; else None.
   """
 
   spec: LdsSpec
@@ -276,7 +358,24 @@ class LdsCache:
   init_fn: Callable
   draws: draws_lib.Draws
   timing: dict
+  train_cond: np.ndarray | None = None
   memo: dict = dataclasses.field(default_factory=dict, repr=False)
+  latent_space: LatentSpace | None = None
+  train_pixels: np.ndarray | None = None
+  query_pixels: dict | None = None
+
+  @property
+  def train_options(self) -> dict:
+    """The extra ``train_many`` arguments of the benchmark's recipe: the null class of
+    condition dropout for a conditional benchmark."""
+    return {"null_cond": null_class(self.spec)} if self.spec.conditional else {}
+
+  @property
+  def train_examples(self):
+    """What the methods attribute to: the images, or ``(images, labels)`` when the
+    benchmark is conditional."""
+    return (self.train_images if self.train_cond is None
+            else (self.train_images, self.train_cond))
 
   @property
   def schedule(self) -> Schedule:
@@ -374,30 +473,56 @@ def sample_keys(spec: LdsSpec) -> jax.Array:
   return jax.vmap(lambda j: jax.random.fold_in(base, j))(jnp.arange(spec.num_generated))
 
 
-def make_sample_fn(apply_fn: ApplyFn, spec: LdsSpec, image_shape
-                   ) -> Callable[[Params, jax.Array], jax.Array]:
+def make_sample_fn(apply_fn: ApplyFn, spec: LdsSpec, image_shape, guidance_scale: float = 1.0
+                   ) -> Callable[..., jax.Array]:
   """``sample_fn(params, key) -> image [H, W, C]``: the spec's sampler run on a batch of one.
 
   Sampling one image per key is what lets counterfactual retraining regenerate
-  query j alone, from exactly the noise that produced it.
+  query j alone, from exactly the noise that produced it. For a conditional spec
+  it is ``sample_fn(params, key, label)``, sampled for class ``label`` with
+  classifier-free guidance at ``guidance_scale`` (the null class is label
+  ``model.num_classes``).
   """
   sched, cfg = spec.noise_schedule, spec.train_config
   sampler = dict(spec.sampler)
   kind = sampler.pop("kind")
   run = samplers.ddim_sample if kind == "ddim" else samplers.ddpm_sample
+  shape = (1,) + tuple(image_shape)
 
   def sample_fn(params, key):
-    shape = (1,) + tuple(image_shape)
     return run(apply_fn, params, sched, key, shape, parameterization=cfg.parameterization,
                **sampler)[0]
 
-  return sample_fn
+  def cond_sample_fn(params, key, label):
+    cond = jnp.reshape(label, (1,)).astype(jnp.int32)
+    null = None if guidance_scale == 1.0 else jnp.full((1,), spec.model["num_classes"],
+                                                       jnp.int32)
+    return run(apply_fn, params, sched, key, shape, parameterization=cfg.parameterization,
+               cond=cond, guidance_scale=guidance_scale, null_cond=null, **sampler)[0]
+
+  return cond_sample_fn if spec.conditional else sample_fn
+
+
+def null_class(spec: LdsSpec) -> jax.Array:
+  """ONE example's null condition of a conditional spec: the label ``model.num_classes``
+  (what condition dropout substitutes, and guidance contrasts with)."""
+  return jnp.int32(spec.model["num_classes"])
+
+
+def generated_labels(spec: LdsSpec, train_labels) -> np.ndarray:
+  """The class of generated sample j: the training set's classes in turn (j mod C)."""
+  classes = np.unique(np.asarray(train_labels))
+  return classes[np.arange(spec.num_generated) % classes.size].astype(np.int32)
 
 
 def generate(apply_fn: ApplyFn, params: Params, spec: LdsSpec, keys: jax.Array,
-             image_shape) -> np.ndarray:
-  """Sample j from ``keys[j]`` alone (``make_sample_fn``); returns [len(keys), H, W, C]."""
-  fn = make_sample_fn(apply_fn, spec, image_shape)
+             image_shape, labels=None, guidance_scale: float = 1.0) -> np.ndarray:
+  """Sample j from ``keys[j]`` alone (``make_sample_fn``; for class ``labels[j]`` when the
+  spec is conditional); returns [len(keys), H, W, C]."""
+  fn = make_sample_fn(apply_fn, spec, image_shape, guidance_scale)
+  if spec.conditional:
+    return np.asarray(jax.jit(lambda ks, ys: jax.lax.map(lambda a: fn(params, *a), (ks, ys)))(
+        keys, jnp.asarray(labels, jnp.int32)))
   return np.asarray(jax.jit(lambda ks: jax.lax.map(lambda k: fn(params, k), ks))(keys))
 
 
@@ -462,6 +587,7 @@ def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
     The loaded ``LdsCache``.
   """
   ds = load_data(spec, data_dir)  # before any write: an unknown dataset leaves nothing
+  spec.model_shape(ds.shape)  # a latent spec's autoencoder must take these images
   directory = cache_dir(spec, root)
   args = (spec, directory, ds, model, strategy, chunk_size, query_chunk, progress)
   if _is_complete(directory, spec):  # only reads: no lock, so many scorers may share it
@@ -472,7 +598,8 @@ def build(spec: LdsSpec, root: str | os.PathLike, *, data_dir=None,
 
 def _is_complete(directory: pathlib.Path, spec: LdsSpec) -> bool:
   names = ["spec.json", DATA_RECORD, "split.npz", "queries.npz",
-           *(f"y/replicate_{r}.npz" for r in range(spec.num_seeds))]
+           *(f"y/replicate_{r}.npz" for r in range(spec.num_seeds)),
+           *(() if spec.latent is None else (AUTOENCODER_FILE,))]
   return all((directory / n).exists() for n in names)
 
 
@@ -499,13 +626,30 @@ def check_data_record(path: pathlib.Path, train_images: np.ndarray) -> None:
                              "num_train": int(np.shape(train_images)[0])})
 
 
+def _autoencoder(path: pathlib.Path, latent: LatentConfig, images: np.ndarray, progress):
+  """``(AutoencoderConfig, params)`` of a latent benchmark: read from ``path``, or
+  trained (``LatentConfig.fit``, deterministic) and written there when ``path`` is
+  missing or holds another autoencoder (of other images or another config)."""
+  record = {"latent": latent.to_dict(), "scaling": LATENT_SCALING,
+            "images_sha256": array_hash(np.asarray(images, np.float32))}
+  if path.is_file():
+    with np.load(path, allow_pickle=False) as z:
+      config, params, saved = unpack_autoencoder(z)
+    if saved == record:
+      return config, params
+  with _Timer(path.parent, "autoencoder"):
+    config, params, losses = latent.fit(images, progress=progress)
+    atomic.write_npz(path, **pack_autoencoder(config, params, record, losses))
+  return config, params
+
+
 def _build(spec: LdsSpec, directory: pathlib.Path, ds, model, strategy, chunk_size,
            query_chunk, progress) -> LdsCache:
   directory.mkdir(parents=True, exist_ok=True)
   check_spec_record(directory / "spec.json",
                     {"version": FORMAT_VERSION, "digest": spec.digest(), "spec": spec.to_dict()})
   config, sched = spec.train_config, spec.noise_schedule
-  image_shape = ds.shape
+  image_shape = spec.model_shape(ds.shape)  # the latents' for a latent benchmark
   init_fn, apply_fn = model if model is not None else _unet_from_spec(spec, image_shape)
   draws = make_draws(spec, image_shape)
 
@@ -522,31 +666,64 @@ def _build(spec: LdsSpec, directory: pathlib.Path, ds, model, strategy, chunk_si
   train_images = ds.x[split["train"]]
   masks = split["masks"]
   check_data_record(directory / DATA_RECORD, train_images)
+  space, train_pixels = None, None
+  if spec.latent is not None:  # Stage 1b: the autoencoder, and the training latents
+    space = autoencoder_space(*_autoencoder(directory / AUTOENCODER_FILE, spec.latent_config,
+                                            train_images, progress))
+    train_pixels, train_images = train_images, encode_images(space, train_images)
+  train_cond = None
+  train_data = train_images
+  if spec.conditional:
+    train_cond = np.asarray(ds.y[split["train"]], np.int32)
+    num_classes = spec.model["num_classes"]
+    if train_cond.min() < 0 or train_cond.max() >= num_classes:
+      raise ValueError(f"the training labels lie in [{train_cond.min()}, {train_cond.max()}] "
+                       f"but model.num_classes = {num_classes}: expected labels in "
+                       f"[0, {num_classes})")
+    train_data = (train_images, train_cond)
+  cond_opts = {"null_cond": null_class(spec)} if spec.conditional else {}
 
   # Stage 2: the full-data model.
   full_dir = directory / "full"
   state = _finished_state(full_dir, init_fn, config, 1)
   if state is None:
     with _Timer(directory, "full_model"):
-      state = train_many(apply_fn, init_fn, sched, train_images,
+      state = train_many(apply_fn, init_fn, sched, train_data,
                          np.ones((1, spec.num_train), bool), [spec.full_seed], config,
-                         strategy=strategy, chunk_size=chunk_size,
+                         strategy=strategy, chunk_size=chunk_size, **cond_opts,
                          checkpointer=checkpoint.Checkpointer(full_dir),
                          meta={"lds_cache": spec.digest()}, progress=progress).state
   full_params = jax.tree.map(lambda a: a[0], state.ema_params)
 
   # Stage 3: query images.
   queries_path = directory / "queries.npz"
+  names = SPLITS + spec.generated_splits[1:]
   if not queries_path.exists():
     with _Timer(directory, "generate"):
       keys = sample_keys(spec)
-      gen = (generate(apply_fn, full_params, spec, keys, image_shape) if spec.num_generated
-             else np.zeros((0,) + image_shape, np.float32))
-      atomic.write_npz(queries_path, validation=ds.x[split["validation"]], test=ds.x[split["test"]],
-                 generated=gen, generated_keys=np.asarray(jax.random.key_data(keys)))
+      arrays = dict(validation=ds.x[split["validation"]], test=ds.x[split["test"]],
+                    generated_keys=np.asarray(jax.random.key_data(keys)))
+      if space is not None:  # the held-out latents; the images kept for display
+        for name in ("validation", "test"):
+          arrays[f"{name}_pixels"] = arrays[name]
+          arrays[name] = encode_images(space, arrays[name])
+      labels = generated_labels(spec, train_cond) if spec.conditional else None
+      for name, scale in zip(spec.generated_splits, spec.guidance_scales):
+        arrays[name] = (generate(apply_fn, full_params, spec, keys, image_shape, labels, scale)
+                        if spec.num_generated else np.zeros((0,) + image_shape, np.float32))
+        if spec.conditional:
+          arrays[f"{name}_y"] = labels
+        if space is not None:
+          arrays[f"{name}_pixels"] = decode_latents(space, arrays[name], image_shape=ds.shape)
+      if spec.conditional:
+        arrays["validation_y"] = np.asarray(ds.y[split["validation"]], np.int32)
+        arrays["test_y"] = np.asarray(ds.y[split["test"]], np.int32)
+      atomic.write_npz(queries_path, **arrays)
   qz = dict(np.load(queries_path))
-  all_queries = np.concatenate([qz[s] for s in SPLITS])
-  bounds = np.cumsum([0] + [qz[s].shape[0] for s in SPLITS])
+  all_queries = np.concatenate([qz[s] for s in names])
+  bounds = np.cumsum([0] + [qz[s].shape[0] for s in names])
+  if spec.conditional:  # each query measured under its own label
+    all_queries = (all_queries, np.concatenate([qz[f"{s}_y"] for s in names]))
 
   # Stage 4: seed replicates of the subset models, and their measurements.
   (directory / "y").mkdir(exist_ok=True)
@@ -560,28 +737,31 @@ def _build(spec: LdsSpec, directory: pathlib.Path, ds, model, strategy, chunk_si
       state = _finished_state(model_dir, init_fn, config, spec.num_subsets)
       if state is None:
         with _Timer(directory, f"train_replicate_{r}"):
-          state = train_many(apply_fn, init_fn, sched, train_images, masks,
+          state = train_many(apply_fn, init_fn, sched, train_data, masks,
                              [r] * spec.num_subsets, config, strategy=strategy,
-                             chunk_size=chunk_size,
+                             chunk_size=chunk_size, **cond_opts,
                              checkpointer=checkpoint.Checkpointer(model_dir),
                              meta={"lds_cache": spec.digest(), "replicate": r},
                              progress=progress).state
       with _Timer(directory, f"measure_replicate_{r}"):
-        y = np.asarray(measure(state.ema_params, jnp.asarray(all_queries)), np.float64)
+        y = np.asarray(measure(state.ema_params, jax.tree.map(jnp.asarray, all_queries)),
+                       np.float64)
         atomic.write_npz(y_path, y=y)
     ys.append(np.load(y_path)["y"])
   y_all = np.stack(ys, axis=-1)  # [Q_total, M, S]
 
   splits = {}
-  for s, a, b in zip(SPLITS, bounds[:-1], bounds[1:]):
-    keys = qz["generated_keys"] if s == "generated" else None
-    splits[s] = QuerySet(Queries(s, qz[s], keys), y_all[a:b])
+  for s, a, b in zip(names, bounds[:-1], bounds[1:]):
+    keys = qz["generated_keys"] if s.startswith("generated") else None
+    splits[s] = QuerySet(Queries(s, qz[s], keys, qz.get(f"{s}_y")), y_all[a:b])
   timing_path = directory / "timing.json"
   timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+  query_pixels = None if space is None else {s: qz[f"{s}_pixels"] for s in names}
   return LdsCache(spec=spec, directory=directory, train_images=train_images,
                   train_indices=split["train"], masks=masks, splits=splits,
                   full_params=full_params, apply_fn=apply_fn, init_fn=init_fn, draws=draws,
-                  timing=timing)
+                  timing=timing, train_cond=train_cond, latent_space=space,
+                  train_pixels=train_pixels, query_pixels=query_pixels)
 
 
 def load_spec(path: str | os.PathLike) -> LdsSpec:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
 import re
 
+from jattr.data import DATASET_NAMES
 from jattr.runs import QUERIES
 
 DEFAULT_RUN = "runs/digits"
@@ -60,6 +62,24 @@ def nonneg_float(text: str) -> float:
 def positive_float(text: str) -> float:
   """An argparse type: a finite number > 0."""
   return _number(text, 0.0, strict=True)
+
+
+def non_negative_float(text: str) -> float:
+  """An argparse type: a finite number >= 0."""
+  return _number(text, 0.0, strict=False)
+
+
+def dataset(text: str) -> str:
+  """An argparse type for ``--dataset``: a built-in name as given; an existing path
+  made absolute, so the run's config.json names the data wherever the run is used
+  from; anything else as given, for ``RunConfig`` to refuse naming the flag."""
+  if text in DATASET_NAMES:
+    return text
+  path = pathlib.Path(text).expanduser()
+  try:
+    return str(path.absolute()) if path.exists() else text
+  except (OSError, ValueError):  # not a possible path: RunConfig names the problem
+    return text
 
 
 def regex(text: str) -> str:
@@ -118,8 +138,12 @@ def run_config(p: argparse.ArgumentParser, default_out: str = DEFAULT_RUN) -> No
   """The flags of ``jattr run`` / ``jattr train``, each overriding the ``--config`` file."""
   p.add_argument("--out", default=default_out, help="run directory (default: %(default)s)")
   p.add_argument("--config", help="JSON RunConfig file; flags below override it")
-  p.add_argument("--dataset", help="digits | fashion_mnist | cifar2 | olivetti")
-  p.add_argument("--data-dir", help="folder of the real datasets (default: $JATTR_DATA)")
+  p.add_argument("--dataset", type=dataset, metavar="NAME|PATH",
+                 help="digits | fashion_mnist | cifar2 | olivetti, or the path of your own "
+                      "data: a folder of PNG/JPEG images (labels from labels.csv or "
+                      "sub-folders) or an .npz/.npy file (see docs/data.md)")
+  p.add_argument("--data-dir", help="folder of the built-in datasets (default: $JATTR_DATA; "
+                                    "not used for a --dataset path)")
   p.add_argument("--num-train", type=positive_int,
                  help="train on a seeded random subset of this size")
   p.add_argument("--image-size", type=positive_int, help="resize images to this square size")
@@ -131,6 +155,19 @@ def run_config(p: argparse.ArgumentParser, default_out: str = DEFAULT_RUN) -> No
   p.add_argument("--seed", type=int, help="model seed")
   p.add_argument("--num-samples", type=positive_int)
   p.add_argument("--sampler", choices=["ddpm", "ddim"])
+  p.add_argument("--conditional", action="store_true", default=None,
+                 help="class-conditional: the UNet gets each image's label (num_classes from "
+                      "the data), trains with condition dropout 0.1 (unless the config sets "
+                      "one), samples each class in turn, and the report shows the classes")
+  p.add_argument("--guidance-scale", type=non_negative_float,
+                 help="classifier-free guidance scale of the samples (conditional runs; "
+                      "default 1: plain conditional sampling)")
+  p.add_argument("--latent", action="store_true", default=None,
+                 help="latent diffusion: train an autoencoder on the training images first "
+                      "(the config's latent section, else the default LatentConfig: 2 latent "
+                      "channels, downsampling 2), then train, sample and attribute the UNet "
+                      "on their latents; the report shows the decoded samples and the "
+                      "training images")
   wrt(p, help=WRT_HELP.replace("attribute", "attribute the samples", 1)
       + "; sets attribution.wrt of the run config")
   quiet(p)

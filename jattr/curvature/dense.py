@@ -36,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 from jattr import host_memory
 from jattr.curvature.ggn import (_outputs, check_damping, check_examples, example_draw_pairs,
                                  training_loss)
+from jattr.diffusion import conditioning
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.schedules import Schedule
 from jattr.progress import Progress
@@ -140,11 +141,12 @@ def dense_ggn(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
   check_examples(x0, draws)
   apply_fn, params = restrict(apply_fn, params, wrt)
   flat, unravel = ravel_pytree(params)
-  dim = math.prod(x0.shape[1:])
+  dim = math.prod(draws.eps.shape[1:])
   jacobian = jax.jacrev if dim < flat.size else jax.jacfwd
 
   def pair_jacobian(flat, x, t, eps):  # J_ik, [D, P]
-    return jacobian(lambda f: _outputs(apply_fn, unravel(f), schedule, x[None], t[None],
+    one = jax.tree.map(lambda a: a[None], x)
+    return jacobian(lambda f: _outputs(apply_fn, unravel(f), schedule, one, t[None],
                                        eps[None]).reshape(-1))(flat)
 
   @jax.jit
@@ -152,14 +154,14 @@ def dense_ggn(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
     jac = jax.vmap(pair_jacobian, (None, 0, 0, 0))(flat, xb, tb, eb).reshape(-1, flat.size)
     return jac.T @ jac
 
-  n = x0.shape[0]
+  n = conditioning.count(x0)
   batch = n if batch_size is None else int(batch_size)
   if batch < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   report = resolve_progress(progress)
   total = None
   for start in range(0, n, batch):
-    part = ggn_sum(flat, *example_draw_pairs(x0[start:start + batch], draws))
+    part = ggn_sum(flat, *example_draw_pairs(conditioning.rows(x0, start, start + batch), draws))
     total = part if total is None else total + part
     jax.block_until_ready(total)
     host_memory.release_free_memory()

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jattr.curvature.ggn import (DEFAULT_ESTIMATION_MODE, EstimationMode, accumulate_sqrt_grads,
                                  check_damping)
 from jattr.curvature.kfac import (DEFAULT_DAMPING_FACTOR, DiagBlock, KfacState, check_vector,
-                                  from_block_matrix, to_block_matrix)
+                                  default_block_damping, from_block_matrix, to_block_matrix)
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.schedules import Schedule
 from jattr.progress import Progress
@@ -176,7 +176,7 @@ def _apply(state: EkfacState, v: Params, damping, inverse: bool,
   leaves = check_vector(state.layout, v)
   out = list(leaves)
   for lay, blk, eig in zip(state.layout, state.blocks, ekfac_eigenvalues(state)):
-    lam = damping_factor * jnp.mean(eig) if damping is None else damping
+    lam = default_block_damping(eig, damping_factor) if damping is None else damping
     if lay.kind == "kronecker":
       m = blk.a_eigvecs.T @ to_block_matrix(lay, leaves) @ blk.g_eigvecs
       m = m / (blk.eigvals + lam) if inverse else m * blk.eigvals

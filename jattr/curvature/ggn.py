@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattr import host_memory
+from jattr.diffusion import conditioning
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.losses import per_example_loss, target
 from jattr.diffusion.schedules import Schedule, q_sample
@@ -78,7 +79,9 @@ def check_estimation_mode(estimation_mode: str) -> None:
 
 
 def check_examples(x0, draws: Draws, name: str = "x0") -> None:
-  """Raises unless x0 is [N, *image] and draws.eps is [K, *image]."""
+  """Raises unless x0 is [N, *image] (or conditional examples ``(x0, cond)`` with a
+  condition per example) and draws.eps is [K, *image]."""
+  x0, cond = conditioning.split(x0)
   if jnp.ndim(x0) < 2:
     raise ValueError(f"{name} must have shape [N, H, W, C], got {jnp.shape(x0)}")
   if tuple(draws.eps.shape[1:]) != tuple(x0.shape[1:]):
@@ -87,6 +90,7 @@ def check_examples(x0, draws: Draws, name: str = "x0") -> None:
                      f"{tuple(draws.eps.shape)}")
   if draws.t.shape != draws.eps.shape[:1]:
     raise ValueError(f"draws.t must have shape [K]={draws.eps.shape[:1]}, got {draws.t.shape}")
+  conditioning.check_cond(cond, x0.shape[0])
 
 
 def check_damping(damping) -> None:
@@ -99,21 +103,23 @@ def example_draw_pairs(x0, draws: Draws):
   """All N·K (example, draw) pairs, example-major.
 
   Args:
-    x0: clean images [N, H, W, C].
+    x0: clean images [N, H, W, C], or conditional examples ``(x0, cond)``.
     draws: K fixed draws (``t`` [K], ``eps`` [K, H, W, C]).
 
   Returns:
     ``(x0 [N K, H, W, C], t [N K], eps [N K, H, W, C])``; row ``i K + k`` is
-    example i under draw k.
+    example i under draw k (for conditional examples the first entry is the pair
+    ``(x0, cond)`` with each condition repeated K times).
   """
   check_examples(x0, draws)
-  n, k = x0.shape[0], draws.num_draws
-  return (jnp.repeat(x0, k, axis=0), jnp.tile(draws.t, n),
+  n, k = conditioning.images(x0).shape[0], draws.num_draws
+  return (jax.tree.map(lambda a: jnp.repeat(a, k, axis=0), x0), jnp.tile(draws.t, n),
           jnp.tile(draws.eps, (n,) + (1,) * (draws.eps.ndim - 1)))
 
 
 def _outputs(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, t, eps):
-  return apply_fn(params, q_sample(schedule, x0, t, eps), t)
+  x0, cond = conditioning.split(x0)
+  return conditioning.apply_model(apply_fn, params, q_sample(schedule, x0, t, eps), t, cond)
 
 
 def training_loss(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws,
@@ -164,17 +170,18 @@ def ggn_matvec(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws:
   if jax.tree.structure(v) != jax.tree.structure(params):
     raise ValueError("v must have the tree structure of params, got "
                      f"{jax.tree.structure(v)} and {jax.tree.structure(params)}")
-  n, k = x0.shape[0], draws.num_draws
-  dim = math.prod(x0.shape[1:])
+  images = conditioning.images(x0)
+  n, k = images.shape[0], draws.num_draws
+  dim = math.prod(images.shape[1:])
   chunk = n if chunk_size is None else int(chunk_size)
   if chunk < 1:
     raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
   if not in_trace(params, x0, v, draws):
-    scale = jnp.asarray(2.0 / (dim * n * k), x0.dtype)
+    scale = jnp.asarray(2.0 / (dim * n * k), images.dtype)
     return sum_chunks(_GgnChunk(apply_fn, schedule), (params, v, draws, scale), x0,
                       chunk_size=chunk)
   xs, mask = to_chunks(x0, chunk)
-  mask = mask.astype(x0.dtype)
+  mask = mask.astype(images.dtype)
 
   def one_chunk(total, chunk_data):
     xc, mc = chunk_data
@@ -271,14 +278,14 @@ def pair_cotangents(params, x0, draws, key, *, apply_fn, schedule, estimation_mo
     (example-major), R = D, S or 1 rows per pair: G = 1/(N K) Σ_pairs Σ_r J ᵀu_r u_rᵀ J.
   """
   xb, tb, eb = example_draw_pairs(x0, draws)
-  pairs = xb.shape[0]
-  dim = math.prod(x0.shape[1:])
-  dtype = xb.dtype
+  pairs = eb.shape[0]
+  dim = math.prod(eb.shape[1:])
+  dtype = conditioning.images(xb).dtype
   if estimation_mode == "ggn_exact":
     u = jnp.broadcast_to(jnp.sqrt(2.0 / dim) * jnp.eye(dim, dtype=dtype), (pairs, dim, dim))
   elif estimation_mode == "fisher_empirical":
     out = _outputs(apply_fn, params, schedule, xb, tb, eb)
-    err = out - target(schedule, xb, tb, eb, parameterization)
+    err = out - target(schedule, conditioning.images(xb), tb, eb, parameterization)
     u = (2.0 / dim) * err.reshape(pairs, 1, dim)
   else:
     shape = (pairs, int(num_samples), dim)
@@ -299,7 +306,7 @@ def _sqrt_rows(params, x0, draws, key, *, apply_fn, schedule, estimation_mode, n
                                   estimation_mode=estimation_mode, num_samples=num_samples,
                                   parameterization=parameterization)
   pairs, per_pair, dim = u.shape
-  return (jnp.repeat(xb, per_pair, axis=0), jnp.repeat(tb, per_pair),
+  return (jax.tree.map(lambda a: jnp.repeat(a, per_pair, axis=0), xb), jnp.repeat(tb, per_pair),
           jnp.repeat(eb, per_pair, axis=0), u.reshape(pairs * per_pair, dim))
 
 
@@ -314,7 +321,8 @@ class _SqrtGradRows:
 
   def projected_output(self, p, row):
     x0_r, t_r, eps_r, u_r = row
-    out = _outputs(self.apply_fn, p, self.schedule, x0_r[None], t_r[None], eps_r[None])
+    one = jax.tree.map(lambda a: a[None], x0_r)
+    out = _outputs(self.apply_fn, p, self.schedule, one, t_r[None], eps_r[None])
     return jnp.vdot(u_r, out.reshape(-1))
 
   def __call__(self, p, rows):
@@ -397,7 +405,7 @@ def accumulate_sqrt_grads(reduce_fn: Callable, aux, apply_fn: ApplyFn, params: P
   """
   check_examples(x0, draws)
   check_estimation_mode(estimation_mode)
-  n = x0.shape[0]
+  n = conditioning.images(x0).shape[0]
   batch = n if batch_size is None else int(batch_size)
   if batch < 1:
     raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
@@ -413,7 +421,8 @@ def accumulate_sqrt_grads(reduce_fn: Callable, aux, apply_fn: ApplyFn, params: P
 
   total = None
   for b, start in enumerate(range(0, n, batch)):
-    xb, rng = x0[start:start + batch], jax.random.fold_in(key, b)
+    xb = jax.tree.map(lambda a: a[start:start + batch], x0)
+    rng = jax.random.fold_in(key, b)
     if chunk_size is None:
       part = _reduce_batch(kernel, static_options, params, aux, xb, draws, rng)
       total = part if total is None else jax.tree.map(jnp.add, total, part)

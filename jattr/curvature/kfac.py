@@ -70,6 +70,7 @@ from jattr import host_memory
 from jattr.curvature.ggn import (DEFAULT_ESTIMATION_MODE, EstimationMode, check_damping,
                                  check_estimation_mode, check_examples, check_sampling,
                                  pair_cotangents)
+from jattr.diffusion import conditioning
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.schedules import Schedule, q_sample
 from jattr.grads.per_example import sum_chunks
@@ -243,13 +244,17 @@ class _KfacStats:
     zeros = zero_perturbations(self.registry)
 
     def pair(x0, t, eps, u):
+      x0, cond = conditioning.split(x0)
       xt = q_sample(self.schedule, x0[None], t[None], eps[None])
+      args = (xt, t[None]) + _cond_arg(jax.tree.map(lambda c: c[None], cond))
 
       def f(zs, diag_leaves):
         full = list(leaves)
         for i, v in zip(self.diag, diag_leaves):
           full[i] = v
-        out, inputs = run(jax.tree.unflatten(treedef, full), zs, xt, t[None])
+        out, inputs = run(jax.tree.unflatten(treedef, full), zs, *args)
+        if out.shape != xt.shape:
+          raise conditioning.output_shape_error(out.shape, xt.shape)
         return out.reshape(-1), inputs
 
       _, vjp, inputs = jax.vjp(f, zeros, [leaves[i] for i in self.diag], has_aux=True)
@@ -296,15 +301,23 @@ def kfac_registry(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, dra
   fit of the same model finds the same ``Registry`` object, hence the same chunk
   kernel, and reuses its compiled program instead of compiling it again.
   """
-  xt = q_sample(schedule, x0[:1], draws.t[:1], draws.eps[:1])
+  images, cond = conditioning.split(x0)
+  xt = q_sample(schedule, images[:1], draws.t[:1], draws.eps[:1])
   t = draws.t[:1]
+  cond = jax.tree.map(lambda c: c[:1], cond)
   try:
     hash(apply_fn)
   except TypeError:  # an unhashable apply_fn: traced every time
-    return find_layers(apply_fn, params, xt, t)
+    return find_layers(apply_fn, params, xt, t, *_cond_arg(cond))
   leaves, treedef = jax.tree.flatten(params)
+  cond_leaves, cond_tree = jax.tree.flatten(cond)
   return _abstract_registry(apply_fn, treedef, tuple(map(_abstract, leaves)), _abstract(xt),
-                            _abstract(t))
+                            _abstract(t), cond_tree, tuple(map(_abstract, cond_leaves)))
+
+
+def _cond_arg(cond) -> tuple:
+  """The model's trailing arguments: () without a condition, (cond,) with one."""
+  return () if cond is None else (cond,)
 
 
 def _abstract(v) -> jax.ShapeDtypeStruct:
@@ -312,8 +325,9 @@ def _abstract(v) -> jax.ShapeDtypeStruct:
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_registry(apply_fn, treedef, leaves, xt, t) -> Registry:
-  return find_layers(apply_fn, jax.tree.unflatten(treedef, leaves), xt, t)
+def _abstract_registry(apply_fn, treedef, leaves, xt, t, cond_tree, cond_leaves) -> Registry:
+  cond = jax.tree.unflatten(cond_tree, cond_leaves)
+  return find_layers(apply_fn, jax.tree.unflatten(treedef, leaves), xt, t, *_cond_arg(cond))
 
 
 def fit_kfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws, *,
@@ -376,7 +390,7 @@ def fit_kfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: D
   if generic_diagonal not in ("per_example", "kfac_jax"):
     raise ValueError("generic_diagonal must be 'per_example' or 'kfac_jax', got "
                      f"{generic_diagonal!r}")
-  n = x0.shape[0]
+  n = conditioning.images(x0).shape[0]
   batch = n if batch_size is None else int(batch_size)
   if batch < 1:
     raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
@@ -405,11 +419,12 @@ def fit_kfac(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: D
   report = resolve_progress(progress)
   total = None
   for b, start in enumerate(range(0, n, batch)):
-    rows = pair_cotangents(params, x0[start:start + batch], draws, jax.random.fold_in(key, b),
+    xb = jax.tree.map(lambda a: a[start:start + batch], x0)
+    rows = pair_cotangents(params, xb, draws, jax.random.fold_in(key, b),
                            apply_fn=apply_fn, schedule=schedule,
                            estimation_mode=estimation_mode, num_samples=int(num_samples),
                            parameterization=parameterization)
-    pairs = rows[0].shape[0]
+    pairs = rows[2].shape[0]
     chunk = pairs if chunk_size is None else min(int(chunk_size), pairs)
     total = sum_chunks(kernel, (params,), rows, chunk_size=chunk, init=total)
     del rows
@@ -480,8 +495,18 @@ def from_block_matrix(lay: BlockLayout, m, leaves: list) -> None:
 
 def _block_damping(damping, eigvals, damping_factor=DEFAULT_DAMPING_FACTOR):
   if damping is None:
-    return damping_factor * jnp.mean(eigvals)
+    return default_block_damping(eigvals, damping_factor)
   return damping
+
+
+def default_block_damping(eigvals, damping_factor=DEFAULT_DAMPING_FACTOR):
+  """λ = damping_factor × mean eigenvalue of a block; 1 for an all-zero block.
+
+  A block is all zero when the loss does not depend on its parameters (a leaf the
+  model never reads); their gradients are zero too, and any λ > 0 maps them to 0
+  where λ = 0 would give 0/0."""
+  lam = damping_factor * jnp.mean(eigvals)
+  return jnp.where(lam > 0, lam, jnp.ones_like(lam))
 
 
 def kfac_matvec(state: KfacState, v: Params) -> Params:

@@ -33,6 +33,7 @@ from jattr import host_memory
 from jattr.curvature.ggn import accumulate_sqrt_grads, example_draw_pairs
 from jattr.curvature.kfac import BlockLayout, DiagBlock, KfacState, kron_block
 from jattr.curvature.kfac_blocks import Conv2DExpand, Conv2DReduce, RepeatedDenseReduce
+from jattr.diffusion import conditioning
 from jattr.diffusion.losses import target
 from jattr.diffusion.schedules import Schedule, q_sample
 from jattr.progress import resolve as resolve_progress
@@ -45,7 +46,8 @@ def _kfac_loss_fn(apply_fn: ApplyFn, schedule: Schedule, parameterization: Param
 
   def loss_fn(params, batch):
     x0, t, eps = batch
-    out = apply_fn(params, q_sample(schedule, x0, t, eps), t)
+    x0, cond = conditioning.split(x0)
+    out = conditioning.apply_model(apply_fn, params, q_sample(schedule, x0, t, eps), t, cond)
     y = target(schedule, x0, t, eps, parameterization)
     b = out.shape[0]
     kfac_jax.register_squared_error_loss(out.reshape(b, -1), y.reshape(b, -1), weight=1.0 / dim)
@@ -96,9 +98,10 @@ def fit(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws, *, wei
     raise ValueError(
         "estimation_mode='fisher_empirical' is not supported by backend='kfac_jax': kfac-jax "
         "0.0.8 scales that G factor by 1/batch_size. The native backend supports it.")
-  n = x0.shape[0]
+  images = conditioning.images(x0)
+  n = images.shape[0]
   batch = n if batch_size is None else int(batch_size)  # checked by fit_kfac, as is key
-  dim = math.prod(x0.shape[1:])
+  dim = math.prod(images.shape[1:])
   # kfac-jax's graph matcher compares avals including weak_type: a weakly typed
   # leaf (e.g. jnp.full(shape, 0.3)) silently fails to match its layer pattern.
   params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), params)
@@ -119,18 +122,19 @@ def fit(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws, *, wei
       num_samples=int(num_samples))
 
   def step(state, p, pairs, rng):
-    size = pairs[0].shape[0]
+    size = pairs[1].shape[0]
     return estimator.update_curvature_matrix_estimate(
         state, ema_old=1.0, ema_new=float(size), identity_weight=0.0, batch_size=size,
         rng=rng, func_args=(p, pairs))
 
-  first = example_draw_pairs(x0[:batch], draws)
+  rows = lambda start: jax.tree.map(lambda a: a[start:start + batch], x0)  # noqa: E731
+  first = example_draw_pairs(rows(0), draws)
   state = estimator.init(key, (params, first), exact_powers_to_cache=None,
                          approx_powers_to_cache=None)
   step = jax.jit(step)
   report = resolve_progress(progress)
   for c, start in enumerate(range(0, n, batch)):
-    pairs = first if start == 0 else example_draw_pairs(x0[start:start + batch], draws)
+    pairs = first if start == 0 else example_draw_pairs(rows(start), draws)
     state = step(state, params, pairs, jax.random.fold_in(key, c))
     # Wait for each update, then hand its freed buffers back to the OS: glibc
     # otherwise keeps them in its arenas, and the peak RSS of a fit on a

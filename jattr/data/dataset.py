@@ -19,9 +19,12 @@ class Dataset(NamedTuple):
     x: float32 images in [-1, 1], shape [N, H, W, C].
     y: int32 class labels, shape [N] (the digit for ``digits``, the clothing class for
       ``fashion_mnist``, 0 = automobile / 1 = horse for ``cifar2``, the person id for
-      ``olivetti``).
-    name: the registry name the data came from (a key of ``load_dataset``); subsets
-      keep their parent's name.
+      ``olivetti``; for your own data the sub-folder, CSV or array labels, 0 when it has
+      none).
+    name: the registry name the data came from (a key of ``load_dataset``), or for
+      your own data the path it was loaded from, as given; subsets keep their parent's
+      name. Class names of your own data are not kept here: see
+      ``jattr.data.scan_image_folder`` (label i is its ``class_names[i]``).
   """
 
   x: np.ndarray

@@ -1,4 +1,5 @@
-"""Loaders for the real image datasets kept in a data directory, and the name registry.
+"""Loaders for the real image datasets kept in a data directory, and the name registry
+(which also takes a path to your own data: ``dataset_source``, ``jattr.data.own``).
 
 The files are not part of the package and are never read at import time: every
 loader takes ``data_dir`` (the CLI's ``--data-dir``), falling back to the
@@ -15,17 +16,19 @@ as a shape error deep inside training. Nothing is cached: each call reads the fi
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import os
 import pathlib
-import zipfile
-import zlib
 from typing import Callable
 
 import numpy as np
 
 from jattr.data.dataset import Dataset
 from jattr.data.digits import load_digits
+from jattr.data.own import ARRAY_SUFFIXES, IMAGE_SUFFIXES, array_keys, load_arrays
+# _CORRUPT: what numpy/zipfile/gzip raise on a file that is not what it claims.
+from jattr.data.own import _CORRUPT, load_image_folder, open_npz, scan_image_folder
 
 DATA_ENV = "JATTR_DATA"
 """Environment variable naming the data directory when no ``data_dir`` is passed."""
@@ -37,9 +40,6 @@ OLIVETTI_FILE = "olivetti_faces.npz"
 # IDX magic numbers: two zero bytes, a type code (0x08 = unsigned byte), the rank.
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
-
-# Exceptions numpy/zipfile/gzip raise on a file that exists but is not what it claims.
-_CORRUPT = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
@@ -194,14 +194,7 @@ def _read_npz_pair(path: pathlib.Path, x_key: str, y_key: str,
   pay for the training images.
   """
   expected_x = f"{_batch_shape(item_shape)} uint8"
-  try:
-    npz = np.load(path, allow_pickle=False)
-  except _CORRUPT as e:
-    raise ValueError(f"{path}: cannot read as .npz ({e}); expected a numpy .npz archive "
-                     f"with {x_key!r} {expected_x} and {y_key!r} (N,) integers") from e
-  if not isinstance(npz, np.lib.npyio.NpzFile):
-    raise ValueError(f"{path}: holds a single .npy array; expected a .npz archive with "
-                     f"{x_key!r} and {y_key!r}")
+  npz = open_npz(path, f"{x_key!r} {expected_x} and {y_key!r} (N,) integers")
   with npz:
     for key in (x_key, y_key):
       if key not in npz.files:
@@ -287,24 +280,123 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
 }
 
 DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
-"""The names ``load_dataset`` accepts."""
+"""The built-in names ``load_dataset`` accepts (it also takes a path: ``dataset_source``)."""
+
+SPLIT_FOLDERS = ("train", "test")
+"""Sub-folders that make an image folder a two-split one (both must exist)."""
+
+
+def dataset_source(name: str) -> tuple[str, pathlib.Path | None]:
+  """How ``load_dataset`` reads ``name``: a built-in name, or a path to your own data.
+
+  The rule: a name of ``DATASET_NAMES`` is the built-in dataset (so a folder called
+  ``digits`` must be given as ``./digits``); otherwise ``name`` is a path (``~``
+  expanded, relative to the current directory; ``data_dir`` plays no part): an
+  existing folder is an image folder (``load_image_folder``), an existing ``.npz`` or
+  ``.npy`` file an array file (``load_arrays``).
+
+  Returns:
+    ``("builtin", None)``, ``("folder", path)`` or ``("arrays", path)``.
+
+  Raises:
+    ValueError: ``name`` is neither a built-in name nor an existing folder, ``.npz`` or
+      ``.npy`` file; the message says which and suggests the nearest name.
+  """
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"dataset must be a non-empty string, got {name!r}")
+  if name in _LOADERS:
+    return "builtin", None
+  path = pathlib.Path(name).expanduser()
+  try:
+    is_dir, is_file = path.is_dir(), path.is_file()
+  except (OSError, ValueError):  # a name too long for a path, or with a NUL byte
+    is_dir = is_file = False
+  if is_dir:
+    return "folder", path
+  if is_file:
+    if path.suffix.lower() in ARRAY_SUFFIXES:
+      return "arrays", path
+    raise ValueError(f"{path} is a file but not an .npz or .npy file; expected a dataset "
+                     f"name ({', '.join(map(repr, DATASET_NAMES))}), a folder of "
+                     f"{'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} images or an "
+                     f".npz/.npy file")
+  match = difflib.get_close_matches(name, DATASET_NAMES, n=1, cutoff=0.6)
+  raise ValueError(f"no dataset named {name!r} and no such file or folder "
+                   f"({path.absolute()}); expected one of "
+                   f"{', '.join(map(repr, DATASET_NAMES))}, or the path of a folder of "
+                   f"{'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} images or of an "
+                   f".npz/.npy file" + (f" (did you mean {match[0]!r}?)" if match else ""))
+
+
+def _load_own_folder(name: str, root: pathlib.Path, split: str) -> Dataset:
+  splits = all((root / s).is_dir() for s in SPLIT_FOLDERS)
+  if not splits:
+    _check_own_split(split, ("all", "train"), name,
+                     f"it has no {'/ and '.join(SPLIT_FOLDERS)}/ sub-folders")
+    return load_image_folder(root, name=name)
+  _check_split(split, SPLIT_FOLDERS, name)
+  # Both splits number the classes of the train split, so a label means one class.
+  classes = scan_image_folder(root / "train").class_names
+  return load_image_folder(root / split, classes=classes, name=name)
+
+
+def _load_own_arrays(name: str, path: pathlib.Path, split: str) -> Dataset:
+  keys = array_keys(path)
+  if "x_test" not in keys:
+    _check_own_split(split, ("all", "train"), name, "it has no 'x_test' key")
+    if "x" not in keys and "x_train" in keys:
+      return load_arrays(path, x_key="x_train", y_key="y_train" if "y_train" in keys else None,
+                         name=name)
+    return load_arrays(path, name=name)
+  _check_split(split, ("train", "test"), name)
+  if split == "test":
+    return load_arrays(path, x_key="x_test", y_key="y_test" if "y_test" in keys else None,
+                       name=name)
+  if "x" in keys:
+    return load_arrays(path, name=name)
+  return load_arrays(path, x_key="x_train", y_key="y_train" if "y_train" in keys else None,
+                     name=name)
+
+
+def _check_own_split(split: str, valid: tuple[str, ...], name: str, why: str) -> None:
+  if split not in valid:
+    raise ValueError(f"split for {name} must be one of {valid}, got {split!r}: {why}, so it "
+                     f"is a single split ('train' and 'all' both give all of it); hold "
+                     f"queries out with split_indices or a training subset (num_train)")
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
                  split: str = "train") -> Dataset:
-  """Loads a dataset by name.
+  """Loads a dataset by name, or your own data by path.
 
   Args:
     name: one of ``DATASET_NAMES``: ``"digits"`` (embedded, ignores ``data_dir``),
-      ``"fashion_mnist"``, ``"cifar2"``, ``"olivetti"``.
+      ``"fashion_mnist"``, ``"cifar2"``, ``"olivetti"``; or a path (see
+      ``dataset_source``): a folder of images, read by ``load_image_folder`` with its
+      defaults (labels ``"auto"``: ``labels.csv``, else sub-folders, else none), or
+      an ``.npz``/``.npy`` file read by ``load_arrays`` with its defaults.
     data_dir: the data directory for the file-backed datasets (see
-      ``resolve_data_dir``).
+      ``resolve_data_dir``); not used for a path.
     split: ``"train"`` or ``"test"`` for fashion_mnist and cifar2; digits and olivetti
-      have no test split and accept ``"train"`` or ``"all"`` (the whole set).
+      have no test split and accept ``"train"`` or ``"all"`` (the whole set). Your own
+      data is one split (``"train"`` or ``"all"``) unless a folder has both ``train/``
+      and ``test/`` sub-folders (each then a folder as above, labelled with the train
+      split's class names) or an ``.npz`` has an ``x_test`` key (``"train"``: ``x``,
+      else ``x_train``, with ``y`` / ``y_train`` if present; ``"test"``: ``x_test``,
+      ``y_test``).
 
   Returns:
-    The ``Dataset``, images float32 [N, H, W, C] in [-1, 1], labels int32 [N].
+    The ``Dataset``, images float32 [N, H, W, C] in [-1, 1], labels int32 [N]; its
+    ``name`` is ``name`` as given.
+
+  Raises:
+    ValueError: an unknown name that is no path either, a split the data does not
+      have, or a file that is not what it should be (named in the message).
+    FileNotFoundError: a missing data directory or file of a built-in dataset.
   """
-  if name not in _LOADERS:
-    raise ValueError(f"unknown dataset name {name!r}; expected one of {list(DATASET_NAMES)}")
+  kind, path = dataset_source(name)
+  if kind == "folder":
+    return _load_own_folder(name, path, split)
+  if kind == "arrays":
+    return _load_own_arrays(name, path, split)
   return _LOADERS[name](data_dir, split)

@@ -15,8 +15,10 @@ per example, and ``batch_loss`` (the training objective) is its mean.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
+from jattr.diffusion import conditioning
 from jattr.diffusion.checks import check_float_images, check_timesteps
 from jattr.diffusion.schedules import Schedule, gather, q_sample
 from jattr.types import ApplyFn, Parameterization, Params
@@ -63,10 +65,12 @@ def per_example_loss(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, 
   """Diffusion loss of each example, no reduction over the batch.
 
   Args:
-    apply_fn: ``apply_fn(params, x_t [B,H,W,C], t [B]) -> [B,H,W,C]``.
+    apply_fn: ``apply_fn(params, x_t [B,H,W,C], t [B]) -> [B,H,W,C]``, or
+      ``apply_fn(params, x_t, t, cond)`` for conditional examples.
     params: the model parameters (any pytree).
     schedule: the noise schedule.
-    x0: clean images [B, H, W, C], floating point (ValueError otherwise).
+    x0: clean images [B, H, W, C], floating point (ValueError otherwise), or the
+      conditional examples ``(x0, cond)`` (``jattr.diffusion.conditioning``).
     t: integer timesteps [B] in [0, T) (checked when concrete: ValueError).
     eps: noise [B, H, W, C].
     parameterization: how the network output is read (``"eps"``, ``"x0"``, ``"v"``).
@@ -74,26 +78,29 @@ def per_example_loss(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, 
   Returns:
     Loss per example, shape [B]: the mean over pixels of the squared error.
   """
+  x0, cond = conditioning.split(x0)
   if x0.shape != eps.shape:
     raise ValueError(f"x0 and eps must have the same shape, got {x0.shape} and {eps.shape}")
   if t.shape != x0.shape[:1]:
     raise ValueError(f"t must have shape [B]={x0.shape[:1]}, got {t.shape}")
   check_float_images(x0, "x0")
   check_timesteps(t, schedule.num_timesteps, "t")
+  conditioning.check_cond(cond, x0.shape[0])
   x_t = q_sample(schedule, x0, t, eps)
-  out = apply_fn(params, x_t, t)
+  out = conditioning.apply_model(apply_fn, params, x_t, t, cond)
   err = out - target(schedule, x0, t, eps, parameterization)
   return jnp.mean(jnp.square(err), axis=tuple(range(1, err.ndim)))
 
 
 def example_loss(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, t, eps,
                  parameterization: Parameterization = "eps"):
-  """Loss of ONE example (x0 [H,W,C], scalar t, eps [H,W,C]) -> scalar.
+  """Loss of ONE example (x0 [H,W,C] or (x0, cond), scalar t, eps [H,W,C]) -> scalar.
 
   The kernel that per-example gradients are built from:
   ``vmap(grad(example_loss, argnums=1), in_axes=(None, None, None, 0, 0, 0))``.
   """
-  return per_example_loss(apply_fn, params, schedule, x0[None], jnp.reshape(t, (1,)),
+  one = jax.tree_util.tree_map(lambda a: a[None], x0)
+  return per_example_loss(apply_fn, params, schedule, one, jnp.reshape(t, (1,)),
                           eps[None], parameterization)[0]
 
 

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattr.diffusion import conditioning
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.losses import check_parameterization, target, to_eps_x0
 from jattr.diffusion.schedules import Schedule, q_sample
@@ -54,7 +55,8 @@ MEASUREMENTS = ("loss", "square_norm", "mean", "l1_norm", "l2_norm", "linf_norm"
                 "weighted_loss", "loss_at_time", "elbo")
 
 MeasurementFn = Callable[[Params, jax.Array], jax.Array]
-"""``f(params, x0 [H, W, C]) -> scalar``."""
+"""``f(params, x0 [H, W, C]) -> scalar``, or ``f(params, (x0, cond))`` for one
+conditional example (``cond`` without a batch axis)."""
 
 
 def elbo_weights(schedule: Schedule) -> np.ndarray:
@@ -116,11 +118,13 @@ def _pixel_axes(x):
   return tuple(range(1, x.ndim))
 
 
-def _noised_outputs(apply_fn, params, schedule, x0, t, eps):
-  """(x_t, o) for K draws of one example: x0 [H,W,C], t [K], eps [K,H,W,C]."""
+def _noised_outputs(apply_fn, params, schedule, x0, t, eps, cond=None):
+  """(x_t, o) for K draws of one example: x0 [H,W,C], t [K], eps [K,H,W,C]; the
+  example's condition (no batch axis) is repeated for the K draws."""
   xs = jnp.broadcast_to(x0, eps.shape)
   x_t = q_sample(schedule, xs, t, eps)
-  return xs, x_t, apply_fn(params, x_t, t)
+  cond = conditioning.repeat_cond(cond, eps.shape[0])
+  return xs, x_t, conditioning.apply_model(apply_fn, params, x_t, t, cond)
 
 
 def measurement_fn(name: str, apply_fn: ApplyFn, schedule: Schedule, draws: Draws, *,
@@ -134,7 +138,10 @@ def measurement_fn(name: str, apply_fn: ApplyFn, schedule: Schedule, draws: Draw
 
   Args:
     name: one of ``MEASUREMENTS``.
-    apply_fn: ``apply_fn(params, x_t [K,H,W,C], t [K]) -> [K,H,W,C]``.
+    apply_fn: ``apply_fn(params, x_t [K,H,W,C], t [K]) -> [K,H,W,C]``, or
+      ``apply_fn(params, x_t, t, cond)`` for a conditional model; ``f`` is then
+      called on one example ``(x0, cond)`` and the model sees ``cond`` repeated
+      over the K draws.
     schedule: the noise schedule the model was trained with.
     draws: the fixed draws, ``t`` [K] and ``eps`` [K, H, W, C].
     parameterization: how the network output is read (``"eps"``, ``"x0"``, ``"v"``);
@@ -146,7 +153,8 @@ def measurement_fn(name: str, apply_fn: ApplyFn, schedule: Schedule, draws: Draw
       weights).
 
   Returns:
-    ``f(params, x0 [H, W, C]) -> scalar``, pure and jit/vmap/grad-compatible.
+    ``f(params, x0 [H, W, C]) -> scalar`` (``f(params, (x0, cond))`` for conditional
+    examples), pure and jit/vmap/grad-compatible.
   """
   if name not in MEASUREMENTS:
     raise ValueError(f"name must be one of {MEASUREMENTS}, got {name!r}")
@@ -186,7 +194,7 @@ class _Measurement:
   """
 
   __slots__ = ("name", "apply_fn", "schedule", "parameterization", "time", "draws",
-               "weights", "_key")
+               "weights", "_key", "__weakref__")  # weakref: jax.jit(f) works
 
   def __init__(self, name, apply_fn, schedule, parameterization, time, draws, weights):
     self.name, self.apply_fn, self.schedule = name, apply_fn, schedule
@@ -220,6 +228,7 @@ class _Measurement:
 
   def __call__(self, params: Params, x0: jax.Array) -> jax.Array:
     name, apply_fn, schedule, draws = self.name, self.apply_fn, self.schedule, self.draws
+    x0, cond = conditioning.split(x0)
     image_shape = tuple(draws.eps.shape[1:])
     if x0.shape != image_shape:
       raise ValueError(f"x0 must be ONE image of shape {image_shape} (the draws' image "
@@ -227,7 +236,7 @@ class _Measurement:
     t, eps = draws.t, draws.eps.astype(x0.dtype)
     if name == "loss_at_time":
       t = jnp.full_like(t, self.time)
-    xs, x_t, out = _noised_outputs(apply_fn, params, schedule, x0, t, eps)
+    xs, x_t, out = _noised_outputs(apply_fn, params, schedule, x0, t, eps, cond)
     axes = _pixel_axes(out)
     if name in ("loss", "loss_at_time", "weighted_loss"):
       mse = jnp.mean(jnp.square(target(schedule, xs, t, eps, self.parameterization) - out), axes)
@@ -272,11 +281,13 @@ def trajectory_step_measurement(apply_fn: ApplyFn, schedule: Schedule, *,
 
   Returns:
     ``f(params, x0_pred [H,W,C], t, eps) -> scalar`` where ``t`` is a scalar int
-    timestep and ``eps`` is one noise [H,W,C] or K noises [K,H,W,C] (averaged).
+    timestep and ``eps`` is one noise [H,W,C] or K noises [K,H,W,C] (averaged);
+    ``x0_pred`` may be a conditional example ``(x0_pred, cond)``.
   """
   check_parameterization(parameterization)
 
   def f(params: Params, x0_pred: jax.Array, t, eps: jax.Array) -> jax.Array:
+    x0_pred, cond = conditioning.split(x0_pred)
     if eps.shape == x0_pred.shape:
       eps = eps[None]
     if eps.shape[1:] != x0_pred.shape:
@@ -286,7 +297,7 @@ def trajectory_step_measurement(apply_fn: ApplyFn, schedule: Schedule, *,
       raise ValueError(f"t must be a scalar timestep, got shape {jnp.shape(t)}")
     eps = eps.astype(x0_pred.dtype)
     tk = jnp.full((eps.shape[0],), t, jnp.int32)
-    xs, _, out = _noised_outputs(apply_fn, params, schedule, x0_pred, tk, eps)
+    xs, _, out = _noised_outputs(apply_fn, params, schedule, x0_pred, tk, eps, cond)
     err = target(schedule, xs, tk, eps, parameterization) - out
     return jnp.mean(jnp.square(err))
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattr.diffusion import conditioning
 from jattr.diffusion.schedules import Schedule
 from jattr.eval.ssim import ssim
 from jattr.progress import Progress
@@ -116,8 +117,8 @@ def counterfactual(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], Params],
                    random_seed: int = 0, strategy: str = "map", chunk_size: int | None = None,
                    checkpointer: Checkpointer | None = None,
                    control_checkpointer: Checkpointer | None = None,
-                   data_range: float = 2.0, progress: Progress | None = None
-                   ) -> CounterfactualResult:
+                   data_range: float = 2.0, progress: Progress | None = None,
+                   sample_cond=None, null_cond=None) -> CounterfactualResult:
   """Retrains without each query's top-k (and k random) examples and regenerates.
 
   All 2·len(ks)·Q retrainings use the same ``seed`` — the seed of the model that
@@ -131,7 +132,8 @@ def counterfactual(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], Params],
   Args:
     apply_fn, init_fn: the model.
     schedule: the noise schedule.
-    train_images: the full training set [N, H, W, C].
+    train_images: the full training set [N, H, W, C], or the conditional pairs
+      ``(images, cond)``.
     config: the recipe of the original model.
     scores: τ for the queries, [Q, N] (positive = proponent).
     sample_fn: ``sample_fn(params, key) -> image [H, W, C]``: the sampler, run
@@ -149,11 +151,16 @@ def counterfactual(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], Params],
       None: trained with the attributed ones in ``checkpointer``.
     data_range: SSIM's L.
     progress: passed to ``train_many`` (``jattr.progress``).
+    sample_cond: for a conditional model, each query's condition [Q, ...]: the
+      sampler is then ``sample_fn(params, key, cond)`` and query q is regenerated
+      under its own condition.
+    null_cond: passed to ``train_many`` (condition dropout of the recipe).
 
   Returns:
     A ``CounterfactualResult``.
   """
-  train_images = np.asarray(train_images)
+  data = jax.tree.map(np.asarray, train_images)
+  train_images = np.asarray(conditioning.images(data))
   originals = np.asarray(originals)
   scores = np.asarray(scores)
   n = train_images.shape[0]
@@ -179,22 +186,25 @@ def counterfactual(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], Params],
     for kind, sets in enumerate((top, rand)):
       removed[kind, j, :, :k] = sets
       np.put_along_axis(masks[kind, j], sets, False, axis=1)
+  extra = {} if null_cond is None else {"null_cond": null_cond}
   train = lambda m, d, meta: train_many(  # noqa: E731
-      apply_fn, init_fn, schedule, train_images, m, [seed] * m.shape[0], config,
+      apply_fn, init_fn, schedule, data, m, [seed] * m.shape[0], config,
       strategy=strategy, chunk_size=chunk_size, checkpointer=d, meta=meta,
-      progress=progress).state.ema_params
+      progress=progress, **extra).state.ema_params
   if control_checkpointer is None:
     groups = [(masks.reshape(-1, n), checkpointer, {"counterfactual": list(ks)})]
   else:
     groups = [(masks[0].reshape(-1, n), checkpointer, {"counterfactual": list(ks)}),
               (masks[1].reshape(-1, n), control_checkpointer,
                {"counterfactual_control": list(ks), "random_seed": int(random_seed)})]
-  regen = jax.jit(lambda p, k: jax.lax.map(lambda a: sample_fn(*a), (p, k)))
+  regen = jax.jit(lambda p, k, *c: jax.lax.map(lambda a: sample_fn(*a), (p, k) + c))
   samples = []
   for m, d, meta in groups:
     reps = m.shape[0] // q
     keys = jax.random.wrap_key_data(jnp.tile(key_data, (reps,) + (1,) * (key_data.ndim - 1)))
-    samples.append(np.asarray(regen(train(m, d, meta), keys)))
+    conds = () if sample_cond is None else (jax.tree.map(
+        lambda c: jnp.tile(jnp.asarray(c), (reps,) + (1,) * (np.ndim(c) - 1)), sample_cond),)
+    samples.append(np.asarray(regen(train(m, d, meta), keys, *conds)))
   samples = np.concatenate(samples).reshape((2, len(ks), q) + originals.shape[1:])
   ref = np.broadcast_to(originals, samples.shape)
   l2 = np.sqrt(np.sum((samples.astype(np.float64) - ref) ** 2, axis=(-3, -2, -1)))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattr.diffusion import conditioning
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.losses import per_example_loss
 from jattr.diffusion.schedules import Schedule
@@ -33,15 +34,15 @@ class _QueryLoss:
   parameterization: str
   member: bool = False
 
-  def __call__(self, args, x):  # x [c, H, W, C]
+  def __call__(self, args, x):  # x [c, H, W, C], or (x, cond) for a conditional model
     if self.member:
       stacked, m, t, eps = args
       params = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, m, keepdims=False),
                             stacked)
     else:
       params, t, eps = args
-    c, k = x.shape[0], t.shape[0]
-    x0 = jnp.repeat(x, k, axis=0)
+    c, k = conditioning.count(x), t.shape[0]
+    x0 = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0), x)  # each query's cond K times
     loss = per_example_loss(self.apply_fn, params, self.schedule, x0, jnp.tile(t, c),
                             jnp.tile(eps, (c,) + (1,) * (eps.ndim - 1)), self.parameterization)
     return loss.reshape(c, k).mean(axis=1)
@@ -55,7 +56,7 @@ def measure_loss(apply_fn: ApplyFn, params: Params, schedule: Schedule, images, 
   Args:
     apply_fn, params: ONE model.
     schedule: its noise schedule.
-    images: queries [Q, H, W, C].
+    images: queries [Q, H, W, C], or ``(images, cond)`` for a conditional model.
     draws: the K fixed draws (``jattr.diffusion.fixed_draws``); every query and
       every model sees the same ones.
     parameterization: how the network output is read.
@@ -67,13 +68,21 @@ def measure_loss(apply_fn: ApplyFn, params: Params, schedule: Schedule, images, 
   Returns:
     [Q] mean losses.
   """
+  images = _check_queries(images, draws)
+  kernel = _QueryLoss(apply_fn, schedule, parameterization)
+  args = (params, draws.t, draws.eps.astype(conditioning.images(images).dtype))
+  return apply_chunks(kernel, args, images, chunk_size=max(1, int(query_chunk)))
+
+
+def _check_queries(queries, draws: Draws):
+  """The queries as device arrays, images [Q, *image] checked (and any condition)."""
+  images, cond = conditioning.split(queries)
   images = jnp.asarray(images)
   if images.ndim != 4 or images.shape[1:] != draws.eps.shape[1:]:
     raise ValueError(f"images must be [Q, *{tuple(draws.eps.shape[1:])}] (the draws' image "
                      f"shape), got {images.shape}")
-  kernel = _QueryLoss(apply_fn, schedule, parameterization)
-  args = (params, draws.t, draws.eps.astype(images.dtype))
-  return apply_chunks(kernel, args, images, chunk_size=max(1, int(query_chunk)))
+  conditioning.check_cond(cond, images.shape[0], "the queries' cond")
+  return conditioning.join(images, None if cond is None else jax.tree.map(jnp.asarray, cond))
 
 
 def member_measure_fn(apply_fn: ApplyFn, schedule: Schedule, draws: Draws, *,
@@ -98,16 +107,13 @@ def member_measure_fn(apply_fn: ApplyFn, schedule: Schedule, draws: Draws, *,
   def fn(stacked_params, images):
     if in_trace(stacked_params, images):
       return traced(stacked_params, images)
-    images = jnp.asarray(images)
-    if images.ndim != 4 or images.shape[1:] != draws.eps.shape[1:]:
-      raise ValueError(f"images must be [Q, *{tuple(draws.eps.shape[1:])}] (the draws' "
-                       f"image shape), got {images.shape}")
+    images = _check_queries(images, draws)
     stacked_params = jax.device_put(stacked_params)
     sizes = {x.shape[0] for x in jax.tree.leaves(stacked_params)}
     if len(sizes) != 1:
       raise ValueError(f"stacked_params must share a leading model axis M, got {sorted(sizes)}")
     num_models = sizes.pop()
-    t, eps = draws.t, draws.eps.astype(images.dtype)
+    t, eps = draws.t, draws.eps.astype(conditioning.images(images).dtype)
     columns = [loop_chunks(kernel, (stacked_params, jnp.int32(m), t, eps), images,
                            chunk_size=max(1, int(query_chunk)))
                for m in range(num_models)]

@@ -28,11 +28,25 @@ class Queries(NamedTuple):
     images: [Q, H, W, C].
     sample_keys: for generated queries, the sampler key data of each sample
       [Q, ...] (uint32), so that methods can retrace the sampling path; else None.
+    cond: for a conditional model, each query's condition [Q, ...] (a held-out
+      image's label, the label a sample was generated with); else None.
   """
 
   name: str
   images: np.ndarray
   sample_keys: np.ndarray | None = None
+  cond: np.ndarray | None = None
+
+  @property
+  def memo_key(self) -> tuple:
+    """What a method may key its per-split memo by: name, shape and the conditions."""
+    cond = None if self.cond is None else hash(np.ascontiguousarray(self.cond).tobytes())
+    return (self.name, self.images.shape, cond)
+
+  @property
+  def examples(self):
+    """What a method attributes: the images, or ``(images, cond)`` when conditional."""
+    return self.images if self.cond is None else (self.images, self.cond)
 
 
 class QuerySet(NamedTuple):

@@ -251,16 +251,20 @@ def ensemble_apply_fn(apply_fn: ApplyFn) -> ApplyFn:
       out(x_t, t) = Σ_m w_m apply_fn(θ_m, x_t, t) / Σ_m w_m
 
   Args:
-    apply_fn: one member's ``apply_fn(params, x_t, t)``.
+    apply_fn: one member's ``apply_fn(params, x_t, t)``, or
+      ``apply_fn(params, x_t, t, cond)`` for a conditional model.
 
   Returns:
-    ``apply(ens: EnsembleParams, x_t, t)``, usable wherever an ``ApplyFn`` is, e.g.
+    ``apply(ens: EnsembleParams, x_t, t)`` (``apply(ens, x_t, t, cond)`` when called
+    with a condition, every member seeing the same one), usable wherever an
+    ``ApplyFn`` is, e.g.
     ``ddpm_sample(ensemble_apply_fn(apply_fn), ensemble_params(stacked, mask), ...)``;
     the selection is an argument, so one compiled sampler serves every forget set.
   """
 
-  def apply(ens: EnsembleParams, x_t: jax.Array, t: jax.Array) -> jax.Array:
-    outs = jax.vmap(apply_fn, in_axes=(0, None, None))(ens.members, x_t, t)
+  def apply(ens: EnsembleParams, x_t: jax.Array, t: jax.Array, *cond) -> jax.Array:
+    args = (x_t, t) + cond
+    outs = jax.vmap(apply_fn, in_axes=(0,) + (None,) * len(args))(ens.members, *args)
     w = ens.weights.astype(outs.dtype)
     return jnp.tensordot(w, outs, axes=1) / jnp.sum(w)
 

@@ -42,6 +42,7 @@ from jax.tree_util import Partial
 from jattr.curvature.inverse_vp import InverseVP, inverse_vp_fn
 from jattr.curvature.kfac import DEFAULT_DAMPING_FACTOR
 from jattr.diffusion.checks import check_finite_params
+from jattr.diffusion import conditioning
 from jattr.diffusion.draws import Draws
 from jattr.diffusion.measurements import measurement_fn
 from jattr.diffusion.schedules import Schedule
@@ -158,6 +159,8 @@ def _check_curvature_fits(inverse_vp: InverseVP, params: Params, wrt: Selector) 
 
 
 def _check_images(x, draws: Draws, name: str):
+  x, cond = conditioning.split(x)
+  conditioning.check_cond(cond, jnp.shape(x)[0] if jnp.ndim(x) else 0, f"{name}'s cond")
   if jnp.ndim(x) != draws.eps.ndim or tuple(x.shape[1:]) != tuple(draws.eps.shape[1:]):
     raise ValueError(f"{name} must have shape [N, {', '.join(map(str, draws.eps.shape[1:]))}] "
                      f"(the draws' image shape), got {tuple(jnp.shape(x))}")
@@ -187,8 +190,10 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
     params: the trained parameters θ.
     schedule: the noise schedule.
     draws: the K fixed (t, ε) draws of the training loss.
-    train_x0: training images [N, H, W, C].
-    query_x0: query images [Q, H, W, C] (held-out or generated).
+    train_x0: training images [N, H, W, C], or conditional examples ``(x0, cond)``
+      (``jattr.diffusion.conditioning``; then ``apply_fn`` takes ``cond``).
+    query_x0: query images [Q, H, W, C] (held-out or generated), or ``(x0, cond)``:
+      a generated query carries the condition it was sampled with.
     curvature: see ``inverse_vp_fn`` (``None``: identity, i.e. grad-dot).
     measurement: the query measurement's name (``MEASUREMENTS``).
     damping: λ; ``None`` for the curvature's default.
@@ -237,7 +242,7 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
     # chunk_size < tile_size; jattr.grads.loop_chunks).
     return apply_chunks(train_rows, (p, psi), xt, chunk_size=chunk_size).T
 
-  n, q = train_x0.shape[0], query_x0.shape[0]
+  n, q = conditioning.count(train_x0), conditioning.count(query_x0)
   if out is not None and out.shape != (q, n):
     raise ValueError(f"out must have shape [Q, N] = {(q, n)}, got {out.shape}")
   report = resolve_progress(progress)
@@ -246,7 +251,7 @@ def influence(apply_fn: ApplyFn, params: Params, schedule: Schedule, draws: Draw
   for start in range(0, n, tn):
     # The last tile is shifted back to end at N (one compiled shape); drop the overlap.
     s = min(start, n - tn)
-    tile = tile_scores(params, psi, train_x0[s:s + tn])[:, start - s:]
+    tile = tile_scores(params, psi, conditioning.rows(train_x0, s, s + tn))[:, start - s:]
     if out is None:
       tiles.append(tile)
     else:

@@ -74,6 +74,7 @@ import numpy as np
 import optax
 
 from jattr.curvature.diagonal import fit_diagonal
+from jattr.diffusion import conditioning
 from jattr.diffusion.draws import Draws, fixed_draws
 from jattr.diffusion.losses import per_example_loss
 from jattr.diffusion.measurements import measurement_fn
@@ -221,7 +222,7 @@ def per_draw_losses(apply_fn: ApplyFn, params: Params, schedule: Schedule, image
 
   Args:
     apply_fn, params, schedule: the model.
-    images: [N, H, W, C].
+    images: [N, H, W, C], or conditional examples ``(images, cond)``.
     draws: K draws, ``eps`` [K, H, W, C].
     parameterization: how the network output is read.
     chunk_size: examples per ``vmap`` chunk (the network sees chunk_size · K images);
@@ -230,9 +231,10 @@ def per_draw_losses(apply_fn: ApplyFn, params: Params, schedule: Schedule, image
   Returns:
     Losses [N, K].
   """
-  if images.ndim != 4 or images.shape[1:] != draws.eps.shape[1:]:
+  x = conditioning.images(images)
+  if x.ndim != 4 or x.shape[1:] != draws.eps.shape[1:]:
     raise ValueError(f"images must be [N, *{tuple(draws.eps.shape[1:])}] (the draws' image "
-                     f"shape), got {images.shape}")
+                     f"shape), got {x.shape}")
   return apply_chunks(_DrawLosses(apply_fn, schedule, parameterization), (params, draws),
                       images, chunk_size=chunk_size)
 
@@ -248,12 +250,21 @@ class _DrawLosses:
   def __call__(self, args, images):
     params, draws = args
 
-    def one(x0):
-      xs = jnp.broadcast_to(x0, draws.eps.shape)
+    def one(example):
+      xs = _under_draws(example, draws)
       return per_example_loss(self.apply_fn, params, self.schedule, xs, draws.t,
-                              draws.eps.astype(x0.dtype), self.parameterization)
+                              draws.eps.astype(conditioning.images(example).dtype),
+                              self.parameterization)
 
     return jax.vmap(one)(images)
+
+
+def _under_draws(example, draws: Draws):
+  """ONE example repeated for the K draws: the image broadcast to [K, H, W, C] and any
+  condition repeated K times."""
+  x0, cond = conditioning.split(example)
+  return conditioning.join(jnp.broadcast_to(x0, draws.eps.shape),
+                           conditioning.repeat_cond(cond, draws.num_draws))
 
 
 def null_loss(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], Params], keys: jax.Array,
@@ -342,6 +353,13 @@ def _optimizer(config: UnlearnConfig) -> optax.GradientTransformation:
 
 
 def _check_inputs(params, train_images, queries, null, draws, config, fisher, mask):
+  if (conditioning.split(train_images)[1] is None) != (conditioning.split(queries)[1] is None):
+    raise ValueError("a conditional model needs the condition of the training images and of "
+                     "the queries ((images, cond) for both); got it for only one of them")
+  for name, x in (("train_images", train_images), ("queries", queries)):
+    x, cond = conditioning.split(x)
+    conditioning.check_cond(cond, x.shape[0], f"{name}' cond")
+  train_images, queries = conditioning.images(train_images), conditioning.images(queries)
   if queries.ndim != 4 or queries.shape[1:] != draws.eps.shape[1:]:
     raise ValueError(f"queries must be [Q, *{tuple(draws.eps.shape[1:])}] (the draws' image "
                      f"shape), got {queries.shape}")
@@ -393,10 +411,10 @@ def make_unlearn_fn(apply_fn: ApplyFn, schedule: Schedule, draws: Draws, config:
   k = draws.num_draws
 
   def unlearn(params0, fisher, data, query, l_null, key):
-    n = data.shape[0]
+    n = conditioning.count(data)
     indices = jnp.arange(n, dtype=jnp.int32)
-    eps_f = draws.eps.astype(query.dtype)
-    x_f = jnp.broadcast_to(query, eps_f.shape)
+    eps_f = draws.eps.astype(conditioning.images(query).dtype)
+    x_f = _under_draws(query, draws)  # the query (and its condition) under the K draws
 
     def objective(p, it):
       """J(p) and (L_retain, L_forget), from one pass over [retain batch; K draws]."""
@@ -404,8 +422,8 @@ def make_unlearn_fn(apply_fn: ApplyFn, schedule: Schedule, draws: Draws, config:
       if use_retain:
         xr, tr, er = draw_batch(jax.random.fold_in(key, it), data, indices, n,
                                 config.retain_batch_size, T)
-        x0, t, eps = (jnp.concatenate([xr, x0]), jnp.concatenate([tr, t]),
-                      jnp.concatenate([er, eps]))
+        x0, t, eps = (jax.tree.map(lambda a, b: jnp.concatenate([a, b]), xr, x0),
+                      jnp.concatenate([tr, t]), jnp.concatenate([er, eps]))
       losses = per_example_loss(apply_fn, p, schedule, x0, t, eps, parameterization)
       l_f = jnp.mean(losses[-k:])
       l_r = jnp.mean(losses[:-k]) if use_retain else jnp.zeros((), l_f.dtype)
@@ -441,15 +459,20 @@ def make_unlearn_fn(apply_fn: ApplyFn, schedule: Schedule, draws: Draws, config:
           new["accepted"], jax.tree.map(lambda u: new["scale"] * u, new["update"]))
       return new
 
-    zero = jnp.zeros((), query.dtype)
+    dtype = conditioning.images(query).dtype
+    zero = jnp.zeros((), dtype)
     init = dict(it=jnp.zeros((), jnp.int32), proposal=params0, accepted=params0,
                 opt=optimizer.init(params0), update=jax.tree.map(jnp.zeros_like, params0),
-                scale=jnp.ones((), query.dtype), forget=jnp.zeros((2,), query.dtype),
+                scale=jnp.ones((), dtype), forget=jnp.zeros((2,), dtype),
                 retain=zero, rejected=jnp.zeros((), jnp.int32), done=jnp.zeros((), bool))
     c = jax.lax.while_loop(cond, body, init)
     return c["accepted"], (c["forget"], c["retain"], c["it"] - 1, c["rejected"])
 
   return unlearn
+
+
+def _as_arrays(examples):
+  return jax.tree.map(jnp.asarray, examples)
 
 
 def unlearn(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_images, queries,
@@ -462,8 +485,9 @@ def unlearn(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_images,
 
   Args:
     apply_fn, params, schedule: the trained model θ*.
-    train_images: the retain set (the training data), [N, H, W, C].
-    queries: [Q, H, W, C].
+    train_images: the retain set (the training data), [N, H, W, C], or the
+      conditional examples ``(images, cond)``.
+    queries: [Q, H, W, C], or ``(images, cond)`` (a sample with its condition).
     null: L_null per query, [Q] (``null_loss``).
     key: PRNG key of the retain batches (shared by all queries).
     draws: the forget draws (K of them).
@@ -479,8 +503,8 @@ def unlearn(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_images,
   Returns:
     An ``UnlearnResult`` holding the Q unlearned parameter sets.
   """
-  train_images, queries = jnp.asarray(train_images), jnp.asarray(queries)
-  null = jnp.asarray(null, queries.dtype)
+  train_images, queries = _as_arrays(train_images), _as_arrays(queries)
+  null = jnp.asarray(null, conditioning.images(queries).dtype)
   _check_inputs(params, train_images, queries, null, draws, config, fisher, mask)
   kernel = make_unlearn_fn(apply_fn, schedule, draws, config, mask=mask,
                            parameterization=parameterization)
@@ -530,8 +554,8 @@ def mucs_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_ima
   Returns:
     A ``MucsResult``: scores [Q, N] (τ > 0: proponent) and the diagnostics.
   """
-  train_images, queries = jnp.asarray(train_images), jnp.asarray(queries)
-  null = jnp.asarray(null, queries.dtype)
+  train_images, queries = _as_arrays(train_images), _as_arrays(queries)
+  null = jnp.asarray(null, conditioning.images(queries).dtype)
   _check_inputs(params, train_images, queries, null, draws, config, fisher, mask)
   o_draws = draws if original_draws is None else original_draws
   if o_draws.eps.shape != draws.eps.shape:
@@ -620,7 +644,7 @@ def mucs_attribute(apply_fn, params, init_fn, schedule, train_images, queries, *
     trainable = wrt
 
   config = config or variant_config(variant)
-  image_shape = tuple(train_images.shape[1:])
+  image_shape = tuple(conditioning.images(train_images).shape[1:])
   draws = fixed_draws(jax.random.key(draw_seed), num_draws, image_shape,
                       schedule.num_timesteps, timesteps)
   original = None
@@ -653,7 +677,7 @@ def mucs_attribute(apply_fn, params, init_fn, schedule, train_images, queries, *
           "forget_loss": np.asarray(u.forget_loss), "null_loss": np.asarray(u.null_loss),
           "steps": np.asarray(u.steps), "rejected": np.asarray(u.rejected),
           "seconds_setup": t1 - t0, "seconds": t2 - t0,
-          "seconds_per_query": (t2 - t0) / max(1, len(queries))}
+          "seconds_per_query": (t2 - t0) / max(1, conditioning.count(queries))}
   if return_losses:
     info["losses_u"] = np.asarray(res.losses)
   return tau, info

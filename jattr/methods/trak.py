@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
+from jattr.diffusion import conditioning
 from jattr.diffusion.checks import count_nonfinite
 from jattr.diffusion.measurements import trajectory_step_measurement
 from jattr.diffusion.samplers import Trajectory
@@ -249,7 +250,7 @@ def journey_trak_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule,
                         relative_damping: float = DEFAULT_RELATIVE_DAMPING,
                         chunk_size: int | None = None,
                         tile: tuple[int, int] = (1024, 8192),
-                        wrt: Selector = None) -> jax.Array:
+                        wrt: Selector = None, query_cond=None) -> jax.Array:
   """Journey-TRAK: one TRAK score matrix per chosen sampling step.
 
   At step s (timestep t_s, sampler prediction x̂₀^(s)), with one fixed noise ε_s
@@ -266,7 +267,7 @@ def journey_trak_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule,
     schedule: its noise schedule.
     trajectory: a recorded sampling path (``return_trajectory=True``), S steps, B samples.
     steps: indices into the trajectory's S steps (not timesteps).
-    train_images: [N, H, W, C].
+    train_images: [N, H, W, C], or conditional examples ``(x0, cond)``.
     key: PRNG key of the per-step noises (``journey_noise(key, s, ...)``).
     config: the projection.
     parameterization: how the network output is read.
@@ -275,6 +276,8 @@ def journey_trak_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule,
     tile: as in ``trak_score``.
     wrt: the parameters θ_S the gradients are taken with respect to, the others
       held fixed (``jattr.wrt``; ``None``: all): φ_s(x) = Pᵀ ∇_{θ_S} f_s(θ; x).
+    query_cond: for a conditional model, the condition [B, ...] the B samples were
+      drawn with (required exactly when ``train_images`` carries a condition).
 
   Returns:
     τ, [len(steps), B, N].
@@ -285,6 +288,12 @@ def journey_trak_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule,
     raise ValueError(f"steps must be a non-empty list of indices in [0, S={num_steps}), "
                      f"got {steps}")
   image_shape = tuple(trajectory.x0_pred.shape[2:])
+  train_images, train_cond = conditioning.split(train_images)
+  if (train_cond is None) != (query_cond is None):
+    raise ValueError("a conditional model needs the condition of the training images "
+                     "((x0, cond)) and of the samples (query_cond); got only one of them")
+  conditioning.check_cond(train_cond, train_images.shape[0], "train_images' cond")
+  conditioning.check_cond(query_cond, trajectory.x0_pred.shape[1], "query_cond")
   if tuple(train_images.shape[1:]) != image_shape:
     raise ValueError(f"train_images must have shape [N, *{image_shape}], got "
                      f"{train_images.shape}")
@@ -302,9 +311,9 @@ def journey_trak_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule,
   for s in steps:
     t = trajectory.t[s]
     eps = journey_noise(key, s, image_shape, train_images.dtype)
-    train_features = step_features(params, train_images, t, eps)
-    query_features = step_features(params, trajectory.x0_pred[s].astype(train_images.dtype),
-                                   t, eps)
+    train_features = step_features(params, conditioning.join(train_images, train_cond), t, eps)
+    queries = trajectory.x0_pred[s].astype(train_images.dtype)
+    query_features = step_features(params, conditioning.join(queries, query_cond), t, eps)
     state = trak_fit(train_features, damping=damping, relative_damping=relative_damping)
     scores.append(trak_score(state, query_features, tile=tile))
   return jnp.stack(scores)

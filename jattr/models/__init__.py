@@ -25,3 +25,10 @@ from jattr.models.unet import cifar_config
 from jattr.models.unet import config_by_name
 from jattr.models.unet import digits_config
 from jattr.models.unet import fashion_mnist_config
+from jattr.models.autoencoder import Autoencoder
+from jattr.models.autoencoder import AutoencoderConfig
+from jattr.models.autoencoder import AutoencoderFns
+from jattr.models.autoencoder import autoencoder_space
+from jattr.models.autoencoder import latent_scale
+from jattr.models.autoencoder import make_autoencoder_fns
+from jattr.models.autoencoder import train_autoencoder

@@ -7,6 +7,13 @@ an NNX module that means
     params = pure nested dict of the arrays in state   # what optax/orbax/vmap see
     apply_fn(params, x_t, t) = nnx.merge(graphdef, state(params))(x_t, t)
 
+A conditional UNet (``num_classes`` or ``cond_dim`` set) gets the four-argument form
+of ``jattr.diffusion.conditioning``, ``apply_fn(params, x_t, t, cond)``, from every
+builder here (``make_apply_fn``, ``kfac_apply_fn``, ``split_model``; the layered
+form is ``apply_fn(params, x_t, t, cond, layer)``); ``null_condition`` is its
+"no condition" (the null class, a zero context) for condition dropout and
+classifier-free guidance.
+
 The params dict uses string keys throughout: NNX numbers the entries of an
 ``nnx.List`` with ints, and a checkpoint restored by orbax comes back with those
 keys as strings; storing strings from the start keeps a restored tree identical to
@@ -74,8 +81,10 @@ def _fill(template: nnx.State, params: Params) -> nnx.State:
   return state
 
 
-def _make_apply_fn(graphdef: nnx.GraphDef, template: nnx.State) -> ApplyFn:
-  """The pure apply function of ``graphdef``, with ``template`` giving paths and shapes."""
+def _make_apply_fn(graphdef: nnx.GraphDef, template: nnx.State,
+                   conditional: bool = False) -> ApplyFn:
+  """The pure apply function of ``graphdef``, with ``template`` giving paths and shapes;
+  ``apply_fn(params, x_t, t, cond)`` when ``conditional``."""
   expected = _expected_shapes(template)
 
   def apply_fn(params: Params, x_t: jax.Array, t: jax.Array) -> jax.Array:
@@ -92,7 +101,27 @@ def _make_apply_fn(graphdef: nnx.GraphDef, template: nnx.State) -> ApplyFn:
     _check_params(params, expected)
     return nnx.merge(graphdef, _fill(template, params))(x_t, t)
 
-  return apply_fn
+  def cond_apply_fn(params: Params, x_t: jax.Array, t: jax.Array, cond) -> jax.Array:
+    """Runs the conditional model.
+
+    Args:
+      params: nested dict of arrays, as returned by ``split_model`` or an init function.
+      x_t: noisy images [B, H, W, C].
+      t: integer timesteps [B].
+      cond: the condition, leading axis B (``UNet.__call__``; ``null_condition``).
+
+    Returns:
+      The network output [B, H, W, C].
+    """
+    _check_params(params, expected)
+    return nnx.merge(graphdef, _fill(template, params))(x_t, t, cond)
+
+  return cond_apply_fn if conditional else apply_fn
+
+
+def _is_conditional(model: nnx.Module) -> bool:
+  config = getattr(model, "config", None)
+  return isinstance(config, UNetConfig) and config.conditional
 
 
 def _abstract(state: nnx.State) -> nnx.State:
@@ -105,12 +134,14 @@ def split_model(model: nnx.Module) -> tuple[ApplyFn, Params]:
 
   Args:
     model: any NNX module whose only state is ``nnx.Param`` and whose
-      ``__call__(x_t, t)`` returns the prediction.
+      ``__call__(x_t, t)`` returns the prediction (``__call__(x_t, t, cond)`` for a
+      conditional UNet).
 
   Returns:
     ``(apply_fn, params)``: ``apply_fn(params, x_t, t)`` is pure (usable under
     ``jit``, ``grad`` and ``vmap``, including over a stacked leading axis of params),
-    and ``params`` is a nested dict of arrays with string keys.
+    and ``params`` is a nested dict of arrays with string keys. For a conditional
+    UNet it is ``apply_fn(params, x_t, t, cond)``.
 
   Raises:
     ValueError: if the model holds state other than ``nnx.Param`` (BatchNorm
@@ -122,7 +153,8 @@ def split_model(model: nnx.Module) -> tuple[ApplyFn, Params]:
   if others:
     raise ValueError(f"model must hold only nnx.Param state, but it also holds {others[:5]} "
                      f"({len(others)} non-Param variables); remove BatchNorm/Dropout/RNG state")
-  return _make_apply_fn(graphdef, _abstract(params)), _str_keys(nnx.to_pure_dict(params))
+  return (_make_apply_fn(graphdef, _abstract(params), _is_conditional(model)),
+          _str_keys(nnx.to_pure_dict(params)))
 
 
 def _abstract_unet(config: UNetConfig) -> tuple[nnx.GraphDef, nnx.State]:
@@ -137,15 +169,18 @@ _TRUNC_STD = 0.87962566103423978
 def _draw(template: nnx.State, key: jax.Array) -> Params:
   """Initial params for ``template`` with ONE random draw for all kernels.
 
-  The distributions are flax's defaults for Conv, Linear and GroupNorm: kernels
+  The distributions are flax's defaults for Conv, Linear, GroupNorm and Embed: kernels
   LeCun normal (normal truncated to ±2σ, variance 1/fan_in, fan_in = the product of
-  all but the last kernel axis), biases 0, scales 1. Drawing each kernel with its
+  all but the last kernel axis), biases 0, scales 1, embedding tables [rows, features]
+  truncated normal of variance 1/features. Drawing each kernel with its
   own key, as the layers do, costs XLA about 0.2 s of compilation per draw on CPU
   (threefry is compiled once per call site), i.e. tens of seconds for a UNet and
   more again under ``vmap``; slicing one flat draw compiles in well under a second.
   """
   leaves = {tuple(map(str, path)): var.get_value() for path, var in nnx.to_flat_state(template)}
-  kernels = sorted(path for path in leaves if path[-1] == "kernel")
+  # Kernels and embedding tables share the draw; an unconditional UNet has no table, so
+  # its draw is what it was before embeddings existed.
+  kernels = sorted(path for path in leaves if path[-1] in ("kernel", "embedding"))
   sizes = [int(np.prod(leaves[path].shape)) for path in kernels]
   dtype = leaves[kernels[0]].dtype
   flat = jax.random.truncated_normal(key, -2.0, 2.0, (sum(sizes),), dtype)
@@ -154,6 +189,10 @@ def _draw(template: nnx.State, key: jax.Array) -> Params:
   for path, leaf in leaves.items():
     if path[-1] == "kernel":
       std = 1.0 / (np.sqrt(np.prod(leaf.shape[:-1])) * _TRUNC_STD)
+      piece = flat[start[path]:start[path] + leaf.size]
+      params[path] = (std * piece).reshape(leaf.shape).astype(leaf.dtype)
+    elif path[-1] == "embedding":
+      std = 1.0 / (np.sqrt(leaf.shape[-1]) * _TRUNC_STD)
       piece = flat[start[path]:start[path] + leaf.size]
       params[path] = (std * piece).reshape(leaf.shape).astype(leaf.dtype)
     elif path[-1] == "bias":
@@ -194,8 +233,46 @@ def make_model(config: UNetConfig, key: jax.Array) -> UNet:
 
 
 def make_apply_fn(config: UNetConfig) -> ApplyFn:
-  """The UNet's ``apply_fn(params, x_t, t)``, built without allocating parameters."""
-  return _make_apply_fn(*_abstract_unet(config))
+  """The UNet's ``apply_fn(params, x_t, t)``, built without allocating parameters;
+  ``apply_fn(params, x_t, t, cond)`` for a conditional config (``UNet.__call__``)."""
+  return _make_apply_fn(*_abstract_unet(config), conditional=config.conditional)
+
+
+def null_condition(config: UNetConfig, batch: int | None, context_length: int = 1):
+  """The "no condition" input of a conditional UNet, for ``batch`` examples.
+
+  The null class label ``num_classes`` (int32) for ``num_classes``; a context of
+  zeros [batch, context_length, cond_dim] (float32) for ``cond_dim``; the dict
+  ``{"label": ..., "context": ...}`` of both for both. A zero context's keys are all
+  equal, so cross-attention over it gives the same output for every
+  ``context_length``: the default 1 suffices.
+
+  Args:
+    config: a conditional config.
+    batch: the leading axis B; ``None`` gives ONE example's null condition, without a
+      batch axis (labels a scalar, the context [context_length, cond_dim]): the
+      ``null_cond`` that ``jattr.train.train`` replaces dropped conditions with.
+    context_length: L of the zero context.
+
+  Raises:
+    ValueError: the config is unconditional.
+
+  Example:
+    >>> config = digits_config(num_classes=10)
+    >>> null_condition(config, 3)
+    Array([10, 10, 10], dtype=int32)
+  """
+  if not config.conditional:
+    raise ValueError("null_condition needs a conditional config (num_classes or cond_dim "
+                     "set); an unconditional model takes no condition")
+  lead = () if batch is None else (int(batch),)
+  label = (None if config.num_classes is None
+           else jnp.full(lead, config.num_classes, jnp.int32))
+  context = (None if config.cond_dim is None
+             else jnp.zeros(lead + (int(context_length), config.cond_dim), jnp.float32))
+  if label is not None and context is not None:
+    return {"label": label, "context": context}
+  return label if label is not None else context
 
 
 def kfac_apply_fn(config: UNetConfig) -> ApplyFn:
@@ -215,14 +292,15 @@ def kfac_apply_fn(config: UNetConfig) -> ApplyFn:
 
 
 def make_layered_apply_fn(config: UNetConfig):
-  """The UNet's ``apply_fn(params, x_t, t, layer)``, its kernels routed through ``layer``.
+  """The UNet's ``apply_fn(params, x_t, t, layer)``, its kernels routed through ``layer``;
+  ``apply_fn(params, x_t, t, cond, layer)`` for a conditional config.
 
   Every Conv and Linear kernel of the UNet is applied by
   ``layer(name, x, kernel, spec)`` (``jattr.models.layers.route_layers``), ``name``
   being the layer's path in ``params`` ("/"-joined, e.g. ``"mid1/conv2"``; the kernel
-  is ``params[...]["kernel"]`` at that path). Biases and GroupNorm parameters
-  stay outside ``layer``. This is the form the structured projection needs;
-  with ``jattr.features.plain_layer`` it computes the same function as
+  is ``params[...]["kernel"]`` at that path). Biases, GroupNorm parameters and
+  the class-embedding table stay outside ``layer``. This is the form the structured
+  projection needs; with ``jattr.features.plain_layer`` it computes the same function as
   ``make_apply_fn(config)`` (bit for bit with ``conv_impl="xla"``).
 
   Example:
@@ -238,7 +316,11 @@ def make_layered_apply_fn(config: UNetConfig):
     _check_params(params, expected)
     return route_layers(nnx.merge(graphdef, _fill(template, params)), layer)(x_t, t)
 
-  return apply_fn
+  def cond_apply_fn(params: Params, x_t: jax.Array, t: jax.Array, cond, layer) -> jax.Array:
+    _check_params(params, expected)
+    return route_layers(nnx.merge(graphdef, _fill(template, params)), layer)(x_t, t, cond)
+
+  return cond_apply_fn if config.conditional else apply_fn
 
 
 def merge_model(config: UNetConfig, params: Params) -> UNet:

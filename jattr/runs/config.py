@@ -20,11 +20,13 @@ import os
 import re
 from typing import Literal
 
-from jattr.data import DATASET_NAMES
+from jattr.data import dataset_source
 from jattr.diffusion import Schedule
 from jattr.diffusion.measurements import MEASUREMENTS
 from jattr.io import guard
 from jattr.models import UNetConfig, config_by_name
+from jattr.models.unet import config_record
+from jattr.models.autoencoder import LatentConfig
 from jattr.train import TrainConfig
 
 QUERIES = ("samples", "test", "train")
@@ -98,7 +100,9 @@ class RunConfig:
   """Everything that defines a trained model.
 
   Attributes:
-    dataset: a ``jattr.data.load_dataset`` name.
+    dataset: a ``jattr.data.load_dataset`` name, or the path of your own data (an
+      image folder, an ``.npz`` or ``.npy`` file; ``jattr.data.dataset_source``), which
+      must exist when the config is made and is recorded in config.json as given.
     data_dir: folder of the real datasets (None: ``$JATTR_DATA``; digits needs none).
     num_train: train on a seeded random subset of this size (None: all).
     subset_seed: seed of that subset.
@@ -109,6 +113,19 @@ class RunConfig:
     train: the optimisation recipe.
     seed: model seed; ``member_keys(seed)`` gives its init and training keys.
     num_samples, sampler, sampler_steps, sample_seed: what ``jattr sample`` makes.
+    guidance_scale: classifier-free guidance scale of the samples of a
+      class-conditional run (``model.num_classes`` set: the run trains on (image,
+      label) pairs, sample j is drawn for class j mod C, and the report shows the
+      classes); 1 is plain conditional sampling.
+
+    latent: latent diffusion (``jattr run --latent``): the autoencoder
+      (``jattr.models.autoencoder.LatentConfig``) that ``train_run`` trains first on
+      the training images; the UNet is then trained, sampled and attributed on their
+      latents, so ``model.image_shape`` must be the latent shape (H/f, W/f, c). None
+      (the default, left out of ``config.json``): pixel space.
+
+  A run is class-conditional exactly when ``model.num_classes`` is set
+  (``jattr run --conditional``); the two combine.
   """
 
   dataset: str = "digits"
@@ -126,15 +143,29 @@ class RunConfig:
   sampler_steps: int = 100
   sample_seed: int = 0
   attribution: AttributionConfig = AttributionConfig()
+  guidance_scale: float = 1.0
+  latent: LatentConfig | None = None
 
   def __post_init__(self):
     guard.check_fields(self)
-    guard.one_of(self, "dataset", DATASET_NAMES)
+    try:  # a built-in name, or the path of an existing image folder / .npz / .npy
+      dataset_source(self.dataset)
+    except ValueError as e:
+      raise guard.ConfigError("dataset", f" = {guard.show(self.dataset)}: {e}",
+                              "RunConfig") from None
     guard.at_least(self, "num_train", 1, optional=True)
     guard.at_least(self, "image_size", 1, optional=True)
     guard.at_least(self, "subset_seed", 0)  # numpy's generators take no negative seed
     for name in ("num_timesteps", "num_samples", "sampler_steps"):
       guard.at_least(self, name, 1)
+    guard.at_least(self, "guidance_scale", 0.0)
+    if self.guidance_scale != 1.0 and not self.conditional:
+      raise guard.ConfigError("guidance_scale", f" = {self.guidance_scale}: guidance needs a "
+                              "class-conditional model (model.num_classes)", "RunConfig")
+    if self.model.cond_dim is not None:
+      raise guard.ConfigError("model.cond_dim", f" = {self.model.cond_dim}: a run trains on "
+                              "a dataset's images and labels; embedding conditions (cond_dim) "
+                              "are for the library (jattr.models)", "RunConfig")
     if self.attribution.num_draws > self.num_timesteps:
       raise guard.ConfigError("attribution.num_draws", f" = {self.attribution.num_draws}: "
                               f"expected at most num_timesteps = {self.num_timesteps}",
@@ -146,7 +177,19 @@ class RunConfig:
       del d["attribution"]["wrt"]
     if d["attribution"]["proj_kind"] != "sparse":  # as before the sparse kind existed
       del d["attribution"]["proj_nonzeros"]
+    if d["guidance_scale"] == 1.0:  # as before guidance existed
+      del d["guidance_scale"]
+    d["model"] = json.loads(json.dumps(config_record(self.model)))  # as before conditioning
+    if d["train"]["cond_dropout"] == 0.0:
+      del d["train"]["cond_dropout"]
+    if d["latent"] is None:  # pixel runs keep the config they had
+      del d["latent"]
     return d
+
+  @property
+  def conditional(self) -> bool:
+    """Class-conditional: the model takes each image's label (``model.num_classes``)."""
+    return self.model.num_classes is not None
 
   @classmethod
   def from_json(cls, d: dict, where: str | None = None) -> "RunConfig":

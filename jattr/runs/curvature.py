@@ -49,7 +49,6 @@ curvature and the gradients always share one selection.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -63,7 +62,7 @@ from jattr.curvature import (CURVATURE_KINDS, DEFAULT_ESTIMATION_MODE, ESTIMATIO
                              MAX_DENSE_PARAMS, WEIGHT_SHARING, check_damping, dense_ggn,
                              dense_state, fit_diagonal, fit_ekfac, fit_kfac)
 from jattr.curvature.dense import check_dense_size
-from jattr.diffusion import fixed_draws
+from jattr.diffusion import conditioning, fixed_draws
 from jattr.diffusion.measurements import MEASUREMENTS
 from jattr.io import atomic, guard
 from jattr.io.curvature_store import (curvature_exists, load_curvature, read_curvature_meta,
@@ -71,11 +70,12 @@ from jattr.io.curvature_store import (curvature_exists, load_curvature, read_cur
 from jattr.io.hashing import array_hash, model_hash
 from jattr.methods.influence import influence
 from jattr.models import kfac_apply_fn, num_params
+from jattr.models.unet import config_record
 from jattr.progress import Progress
 from jattr.progress import resolve as resolve_progress
 from jattr.runs.config import QUERIES
 from jattr.runs.features import query_examples
-from jattr.runs.run import load_run, training_data
+from jattr.runs.run import latent_space, load_run, run_examples, training_data
 from jattr.runs.stores import selection_record
 from jattr.wrt import restrict
 
@@ -223,8 +223,9 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
   if approx == "dense":
     check_dense_size(p, max_dense_params, what=f"--approx dense on run {run_dir}")
   ds, idx = training_data(cfg)
-  x0 = jax.numpy.asarray(ds.x)
-  n = x0.shape[0]
+  # (x, labels) for a conditional run; latents for a latent run
+  x0 = jax.tree.map(jax.numpy.asarray, run_examples(cfg, ds, latent_space(cfg, run_dir)))
+  n = conditioning.count(x0)
   draws = fixed_draws(jax.random.key(draw_seed), int(num_draws), cfg.model.image_shape,
                       cfg.num_timesteps, timesteps)
   schedule = cfg.noise_schedule
@@ -275,7 +276,7 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
       num_examples=n, examples_hash=array_hash(idx), images_hash=array_hash(np.asarray(ds.x)),
       estimation_mode=estimation_mode,
       num_samples=num_samples, seed=seed, parameterization=param,
-      run=str(run_dir), model={"unet": dataclasses.asdict(cfg.model), "schedule": cfg.schedule,
+      run=str(run_dir), model={"unet": config_record(cfg.model), "schedule": cfg.schedule,
                                "num_timesteps": cfg.num_timesteps},
       batch_size=int(batch_size), grad_batch_size=int(grad_batch_size),
       timings=timings, versions={"jattr": jattr_version, "jax": jax.__version__},
@@ -356,8 +357,8 @@ def influence_run(run_dir, curvature_dir, *, measurement: str = "loss", time_: i
   damping = meta.get("damping") if damping is _UNSET else damping
   check_damping(damping)
   xq, query_info, query_hash = query_examples(cfg, run_dir, queries)
-  x = np.asarray(ds.x)
-  n, q = x.shape[0], xq.shape[0]
+  x = run_examples(cfg, ds, latent_space(cfg, run_dir))  # labelled / latent as the run is
+  n, q = conditioning.count(x), conditioning.count(xq)
   d = meta["draws"]
   draws = fixed_draws(jax.random.key(d["seed"]), d["num_draws"], cfg.model.image_shape,
                       cfg.num_timesteps, d["timesteps"])

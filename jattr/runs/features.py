@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattr.data import load_dataset, resize, take
-from jattr.diffusion import fixed_draws
+from jattr.diffusion import conditioning, fixed_draws
+from jattr.diffusion.latent import encode_images
 from jattr.diffusion.measurements import MEASUREMENTS, measurement_fn
 from jattr.features.projection import PROJECTION_KINDS, ProjectionConfig
 from jattr.io import atomic, guard
@@ -57,9 +58,10 @@ from jattr.io.feature_store import (ARRAY, DTYPE, FORMAT, SIDECAR, VERSION, Feat
 from jattr.io.hashing import array_hash, model_hash
 from jattr.methods import grad_cosine, grad_dot, trak_fit, trak_score
 from jattr.models import num_params
+from jattr.models.unet import config_record
 from jattr.progress import Progress
 from jattr.runs.config import QUERIES
-from jattr.runs.run import load_run, training_data
+from jattr.runs.run import latent_space, load_run, training_data
 from jattr.runs.stores import selection_record, store_featurize
 from jattr.wrt import split
 
@@ -142,6 +144,7 @@ class StoreDataset:
   split: str | None = None
   file: str | None = None
   images_sha256: str | None = None
+  labels_sha256: str | None = None  # the conditions of a conditional run's examples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,21 +261,39 @@ def query_examples(cfg, run_dir: pathlib.Path, queries: str) -> tuple[np.ndarray
 
   Returns:
     ``(x [N, H, W, C] float32, dataset_info, examples_hash)`` where ``dataset_info``
-    holds ``name`` and ``split`` (and ``file`` for samples).
+    holds ``name`` and ``split`` (and ``file`` for samples). For a class-conditional
+    run ``x`` is the pair ``(images, labels)``: held-out images with their labels,
+    samples with the classes they were drawn for (and ``dataset_info`` records the
+    labels' sha256). For a latent run the images are latents: the training and
+    held-out images encoded by the run's autoencoder, the samples' latents ``z``
+    (the hashes stay those of the pixel images, which define the examples).
   """
+  x, info, digest = _query_images(cfg, run_dir, queries)
+  if cfg.latent is not None and queries != "samples":  # samples: z, read as such
+    images, labels = conditioning.split(x)
+    images = encode_images(latent_space(cfg, run_dir), images)
+    x = conditioning.join(images, labels)
+  if not cfg.conditional:
+    return x, info, digest
+  x, labels = x
+  return (x, labels), {**info, "labels_sha256": array_hash(labels)}, digest
+
+
+def _query_images(cfg, run_dir: pathlib.Path, queries: str):
 
   if queries == "train":
-    ds, idx = training_data(cfg)
+    ds, idx = training_data(cfg)  # pixels; a latent run's are encoded by query_examples
     x = np.asarray(ds.x)
     info = {"name": cfg.dataset, "split": "train", "images_sha256": array_hash(x)}
-    return x, info, array_hash(idx)
+    return _labelled(cfg, x, ds.y), info, array_hash(idx)
   if queries == "samples":
     path = run_dir / "samples.npz"
     if not path.exists():
       raise FileNotFoundError(f"{path} not found; run `jattr sample --run {run_dir}` first")
     try:
       with np.load(path, allow_pickle=False) as z:
-        x = np.asarray(z["x"], np.float32)
+        x = np.asarray(z["z" if cfg.latent is not None else "x"], np.float32)
+        y = np.asarray(z["y"]) if "y" in z.files else None
     except Exception as e:  # a damaged or foreign file: one message naming it
       raise ValueError(f"{path} is not a readable samples file ({type(e).__name__}: {e}); "
                        f"run `jattr sample --run {run_dir}` again") from None
@@ -280,7 +301,11 @@ def query_examples(cfg, run_dir: pathlib.Path, queries: str) -> tuple[np.ndarray
       raise ValueError(f"{path}: x has shape {x.shape}; expected [B, *{cfg.model.image_shape}]")
     if x.shape[0] == 0:
       raise ValueError(f"{path} holds no samples; run `jattr sample --run {run_dir}` again")
-    return x, {"name": "samples", "split": "generated", "file": str(path)}, array_hash(x)
+    if cfg.conditional and (y is None or y.shape != x.shape[:1]):
+      raise ValueError(f"{path} has no class label (y) per sample but the run is conditional; "
+                       f"run `jattr sample --run {run_dir}` again")
+    return (_labelled(cfg, x, y), {"name": "samples", "split": "generated", "file": str(path)},
+            array_hash(x))
   if queries != "test":
     raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
   if cfg.dataset in TEST_SPLIT_DATASETS:
@@ -298,7 +323,13 @@ def query_examples(cfg, run_dir: pathlib.Path, queries: str) -> tuple[np.ndarray
   if cfg.image_size is not None:
     ds = resize(ds, cfg.image_size)
   x = np.asarray(ds.x)
-  return x, {"name": cfg.dataset, "split": split, "images_sha256": array_hash(x)}, array_hash(idx)
+  return (_labelled(cfg, x, ds.y), {"name": cfg.dataset, "split": split,
+                                    "images_sha256": array_hash(x)}, array_hash(idx))
+
+
+def _labelled(cfg, x, labels):
+  """``(x, labels)`` for a conditional run (labels as int32), x otherwise."""
+  return (x, np.asarray(labels, np.int32)) if cfg.conditional else x
 
 
 def _check_spec(s: dict) -> None:
@@ -393,17 +424,18 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
   kwargs = {} if s["time"] is None else {"time": s["time"]}
   fn = measurement_fn(s["measurement"], apply_fn, cfg.noise_schedule, draws,
                       parameterization=cfg.train.parameterization, **kwargs)
-  model_info = {"unet": dataclasses.asdict(cfg.model), "schedule": cfg.schedule,
+  model_info = {"unet": config_record(cfg.model), "schedule": cfg.schedule,
                 "num_timesteps": cfg.num_timesteps,
                 "parameterization": cfg.train.parameterization}
   selection = selection_record(params, s["wrt"])  # raises if it selects nothing
   config = feature_config(
       params_hash=params_hash, measurement=s["measurement"], measurement_kwargs=kwargs,
       num_draws=s["num_draws"], timesteps=s["timesteps"], draw_seed=s["draw_seed"],
-      projection=proj, dataset=dataset_info.pop("name"), num_examples=len(x),
+      projection=proj, dataset=dataset_info.pop("name"), num_examples=conditioning.count(x),
       examples_hash=examples_hash, model_info=model_info, dataset_info=dataset_info,
       selection=selection)
-  store = FeatureStore.open(out, config, len(x), proj.dim, min(store_chunk_rows, len(x)))
+  n = conditioning.count(x)
+  store = FeatureStore.open(out, config, n, proj.dim, min(store_chunk_rows, n))
   if chunk_size is None:
     sub = params if s["wrt"] is None else split(params, s["wrt"])
     chunk_size = _auto_chunk_size(sub, store.chunk_rows)

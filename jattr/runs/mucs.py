@@ -32,13 +32,14 @@ import numbers
 import os
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jattr.io import atomic, guard
 from jattr.methods.mucs import mucs_attribute, variant_config
 from jattr.runs.features import query_examples
-from jattr.runs.run import load_run, model_fns, training_data
+from jattr.runs.run import latent_space, load_run, model_fns, run_examples, training_data
 
 
 MUCS_KEYS = ("tau", "forget_loss", "config")
@@ -48,22 +49,29 @@ MUCS_KEYS = ("tau", "forget_loss", "config")
 def load_queries(cfg, run_dir: pathlib.Path, queries: str = "samples",
                  queries_file: str | os.PathLike | None = None,
                  num_queries: int | None = None) -> np.ndarray:
-  """The query images of a run: ``queries_file`` (an .npz with ``x``) or ``queries``
-  (``jattr.runs.QUERIES``), optionally the first ``num_queries``."""
+  """The query images of a run: ``queries_file`` (an .npz with ``x``, and the labels
+  ``y`` for a conditional run) or ``queries`` (``jattr.runs.QUERIES``), optionally the
+  first ``num_queries``. A conditional run's queries are ``(images, labels)``."""
   if queries_file:
     with np.load(queries_file) as z:
       if "x" not in z:
         raise ValueError(f"{queries_file} has no array 'x'; it holds {sorted(z.files)}")
       x = np.asarray(z["x"], np.float32)
+      y = np.asarray(z["y"]) if "y" in z.files else None
     if x.ndim != 4 or x.shape[1:] != tuple(cfg.model.image_shape):
       raise ValueError(f"{queries_file}: x has shape {x.shape}; expected "
                        f"[Q, *{tuple(cfg.model.image_shape)}]")
+    if cfg.conditional:
+      if y is None or y.shape != x.shape[:1]:
+        raise ValueError(f"{queries_file}: a conditional run needs each query's label, an "
+                         f"array 'y' of shape [{x.shape[0]}]; it holds {sorted(z.files)}")
+      x = (x, y.astype(np.int32))
   else:
     x = query_examples(cfg, run_dir, queries)[0]
   if num_queries is not None:
     if num_queries < 1:
       raise ValueError(f"--num-queries must be >= 1, got {num_queries}")
-    x = x[:num_queries]
+    x = jax.tree.map(lambda a: a[:num_queries], x)  # a conditional run's labels too
   return x
 
 
@@ -94,8 +102,10 @@ def mucs_run(run_dir, out, *, variant: str = "mucs", queries: str = "samples",
   ds, train_ids = training_data(cfg)
   x = load_queries(cfg, run_dir, queries, queries_file, num_queries)
   config = variant_config(variant, **(config_overrides or {}))
-  tau, info = mucs_attribute(apply_fn, params, init_fn, cfg.noise_schedule, jnp.asarray(ds.x),
-                             jnp.asarray(x), variant=variant, config=config,
+  tau, info = mucs_attribute(apply_fn, params, init_fn, cfg.noise_schedule,
+                             jax.tree.map(jnp.asarray,
+                                          run_examples(cfg, ds, latent_space(cfg, run_dir))),
+                             jax.tree.map(jnp.asarray, x), variant=variant, config=config,
                              parameterization=cfg.train.parameterization, **options)
   arrays = {k: info.pop(k) for k in ("forget_loss", "null_loss", "steps", "rejected")}
   info["run"] = str(run_dir)

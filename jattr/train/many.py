@@ -17,6 +17,12 @@ How the member axis runs is a *strategy*:
 - ``"chunked"``: ``lax.map`` over chunks of ``chunk_size`` members, vmapped inside.
 - ``"auto"``: times a short segment of ``"map"`` and ``"vmap"`` on this backend and
   model and keeps the faster (the choice is logged and returned).
+
+Conditional data ``(images, cond)`` are shared by all members like the images
+(closed over, never mapped): each member's batch takes the condition rows of its
+picked images, and condition dropout (``TrainConfig.cond_dropout``) draws its mask
+from the member's step key, so members sharing a seed also drop the same batch
+positions' conditions (``jattr.train.loop``).
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattr.diffusion import conditioning
 from jattr.diffusion.schedules import Schedule
 from jattr.progress import Progress
 from jattr.progress import resolve as resolve_progress
-from jattr.train.checkpointer import Checkpointer, check_same_job, config_dict
-from jattr.train.loop import check_data, check_finite_segment, make_segment_fn, segments
+from jattr.train.checkpointer import Checkpointer, check_same_job
+from jattr.train.loop import (check_data, check_finite_segment, job_config, make_segment_fn,
+                              segments)
 from jattr.train.state import TrainConfig, TrainState, init_state, make_optimizer
 from jattr.types import ApplyFn
 
@@ -146,14 +154,17 @@ def _time_strategy(build, strategy, chunk_size, args, steps=2) -> float:
 def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedule: Schedule,
                data, subsets, seeds, config: TrainConfig, *, strategy: Strategy = "auto",
                chunk_size: int | None = None, checkpointer: Checkpointer | None = None,
-               meta: dict | None = None, progress: Progress | None = None) -> ManyResult:
+               meta: dict | None = None, progress: Progress | None = None,
+               null_cond=None) -> ManyResult:
   """Trains one denoiser per subset, all in one jit-compiled program.
 
   Args:
-    apply_fn: ``apply_fn(params, x_t, t)``; must be vmappable over params.
+    apply_fn: ``apply_fn(params, x_t, t)`` (``apply_fn(params, x_t, t, cond)`` for
+      conditional data); must be vmappable over params.
     init_fn: ``init_fn(key) -> params``, pure.
     schedule: the noise schedule.
-    data: training images [N, H, W, C].
+    data: training images [N, H, W, C], or the tuple ``(images, cond)`` of
+      conditional data (``jattr.train.train``).
     subsets: boolean masks [M, N], a list of M index arrays, or ``Subsets``.
     seeds: M integer seeds (see module docstring); equal seeds = common random
       numbers.
@@ -165,17 +176,21 @@ def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedu
       from it with identical results.
     meta: extra JSON-able metadata checked on resume.
     progress: called after every segment (``jattr.progress``).
+    null_cond: ONE example's null condition, what ``config.cond_dropout`` replaces
+      conditions with (``jattr.train.train``).
 
   Returns:
     A ``ManyResult``.
 
   Raises:
-    ValueError: on data that are not finite images in [−1, 1]; ``DivergedError``
+    ValueError: on data that are not finite images in [−1, 1] (or a condition
+      without their leading axis N), on ``cond_dropout > 0`` without conditional data
+      or ``null_cond``; ``DivergedError``
       (a ValueError) when a member's loss or parameters become NaN or inf, naming
       the member and step; the checkpoint keeps the last finite state.
   """
-  data = check_data(data)
-  table = make_subsets(subsets, data.shape[0])
+  data = check_data(data, config, null_cond)
+  table = make_subsets(subsets, conditioning.count(data))
   seeds = np.asarray(seeds, np.int64).reshape(-1)
   if seeds.shape[0] != table.num_members:
     raise ValueError(f"need one seed per subset: {table.num_members} subsets, "
@@ -184,7 +199,7 @@ def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedu
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
 
   optimizer = make_optimizer(config)
-  segment = make_segment_fn(apply_fn, schedule, config, optimizer)
+  segment = make_segment_fn(apply_fn, schedule, config, optimizer, null_cond=null_cond)
   keys = [member_keys(s) for s in seeds]
   init_keys = jnp.stack([k[0] for k in keys])
   train_keys = jnp.stack([k[1] for k in keys])
@@ -203,7 +218,8 @@ def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedu
 
   run = jax.jit(build(strategy, chunk_size), static_argnums=4)
   losses = np.zeros((table.num_members, 0), np.float32)
-  job = {"kind": "train_many", "config": config_dict(config), "seeds": seeds.tolist(),
+  job = {"kind": "train_many", "config": job_config(config, null_cond),
+         "seeds": seeds.tolist(),
          "subsets": subsets_digest(table), **(meta or {})}
   if checkpointer is not None and checkpointer.latest_step() is not None:
     state, saved = checkpointer.restore(state)
