@@ -274,3 +274,19 @@ def test_mucs_with_an_ignored_condition_gives_the_same_scores(problem):
   assert np.all(np.isfinite(used.scores))
   with pytest.raises(ValueError, match="only one of them"):
     mucs.mucs_scores(cond_apply, params, schedule, (x0, y), xq, null, key, draws, cfg)
+
+
+def test_an_ensemble_of_conditional_members_passes_the_condition(problem):
+  from jattr.methods.ensembles import ensemble_apply_fn, ensemble_params
+  schedule, params, x0, _, y, _, draws = problem
+  stacked = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), params)
+  ens = ensemble_params(stacked)
+  t = jnp.arange(5) * 7
+  got = ensemble_apply_fn(cond_apply)(ens, x0, t, y)
+  want = 0.5 * (cond_apply(params, x0, t, y)
+                + cond_apply(jax.tree.map(lambda a: 0.5 * a, params), x0, t, y))
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+  plain = {k: v for k, v in stacked.items() if k != "emb"}
+  np.testing.assert_allclose(ensemble_apply_fn(ignoring_apply)(ensemble_params(plain), x0, t, y),
+                             ensemble_apply_fn(uncond_apply)(ensemble_params(plain), x0, t),
+                             rtol=1e-12)

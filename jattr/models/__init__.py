@@ -1,4 +1,5 @@
-"""Models: a small UNet in flax NNX and the bridge to a pure ``apply_fn(params, x_t, t)``."""
+"""Models: a small UNet in flax NNX (unconditional, class- or cross-attention-conditional),
+the bridge to a pure ``apply_fn(params, x_t, t[, cond])``, LoRA, and a small autoencoder."""
 
 from jattr.models.bridge import kfac_apply_fn
 from jattr.models.bridge import make_apply_fn
@@ -6,6 +7,7 @@ from jattr.models.bridge import make_init_fn
 from jattr.models.bridge import make_layered_apply_fn
 from jattr.models.bridge import make_model
 from jattr.models.bridge import merge_model
+from jattr.models.bridge import null_condition
 from jattr.models.bridge import num_params
 from jattr.models.bridge import split_model
 from jattr.models.layers import route_layers
