@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -89,7 +88,7 @@ def feature_fn(cache, *, measurement: str = "loss", num_draws: int = 10, draw_se
       return full_fn(traverse_util.unflatten_dict(merged), x0)
 
   def features(examples):
-    examples = _as_examples(examples, cache.full_params)
+    examples = conditioning.asarray(examples, _dtype(cache.full_params))
     n = conditioning.count(examples)
     return featurize(fn, params, examples, config, chunk_size=min(chunk_size, n), wrt=wrt)
 
@@ -118,7 +117,7 @@ def structured_feature_fn(cache, *, measurement: str = "loss", num_draws: int = 
   params = cache.full_params
 
   def features(examples):
-    examples = _as_examples(examples, cache.full_params)
+    examples = conditioning.asarray(examples, _dtype(cache.full_params))
     return structured_featurize(fn, params, examples, config,
                                 chunk_size=min(chunk_size, conditioning.count(examples)), wrt=wrt)
 
@@ -128,13 +127,6 @@ def structured_feature_fn(cache, *, measurement: str = "loss", num_draws: int = 
 def _dtype(params):
   """The images are cast to the parameters' dtype (float32, or float64 in tests)."""
   return jax.tree.leaves(params)[0].dtype
-
-
-def _as_examples(examples, params):
-  """Images (or ``(images, cond)``) on the device, the images in the params' dtype."""
-  images, cond = conditioning.split(examples)
-  images = jnp.asarray(images, _dtype(params))
-  return conditioning.join(images, None if cond is None else jax.tree.map(jnp.asarray, cond))
 
 
 def _cached_query_features(features):

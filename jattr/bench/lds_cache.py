@@ -368,7 +368,7 @@ class LdsCache:
   def train_options(self) -> dict:
     """The extra ``train_many`` arguments of the benchmark's recipe: the null class of
     condition dropout for a conditional benchmark."""
-    return {"null_cond": null_class(self.spec)} if self.spec.conditional else {}
+    return train_options(self.spec)
 
   @property
   def train_examples(self):
@@ -501,6 +501,12 @@ def make_sample_fn(apply_fn: ApplyFn, spec: LdsSpec, image_shape, guidance_scale
                cond=cond, guidance_scale=guidance_scale, null_cond=null, **sampler)[0]
 
   return cond_sample_fn if spec.conditional else sample_fn
+
+
+def train_options(spec: LdsSpec) -> dict:
+  """The extra ``train_many`` arguments of the spec's recipe: ``null_cond`` for a
+  conditional benchmark (what condition dropout substitutes), none otherwise."""
+  return {"null_cond": null_class(spec)} if spec.conditional else {}
 
 
 def null_class(spec: LdsSpec) -> jax.Array:
@@ -681,7 +687,7 @@ def _build(spec: LdsSpec, directory: pathlib.Path, ds, model, strategy, chunk_si
                        f"but model.num_classes = {num_classes}: expected labels in "
                        f"[0, {num_classes})")
     train_data = (train_images, train_cond)
-  cond_opts = {"null_cond": null_class(spec)} if spec.conditional else {}
+  cond_opts = train_options(spec)
 
   # Stage 2: the full-data model.
   full_dir = directory / "full"

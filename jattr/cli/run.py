@@ -70,7 +70,7 @@ def conditional_config(cfg: RunConfig) -> RunConfig:
   recipe sets one."""
   if cfg.conditional:
     return cfg
-  ds, _ = training_data(dataclasses.replace(cfg))
+  ds, _ = training_data(cfg)
   num_classes = int(np.max(ds.y)) + 1
   train_cfg = cfg.train
   if train_cfg.cond_dropout == 0.0:

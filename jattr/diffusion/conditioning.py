@@ -52,6 +52,14 @@ def with_images(examples, x0):
   return join(x0, split(examples)[1])
 
 
+def asarray(examples, dtype=None):
+  """Examples as device arrays, the images cast to ``dtype`` if given (the condition
+  keeps its dtypes: labels stay integers)."""
+  x0, cond = split(examples)
+  return join(jnp.asarray(x0, dtype), None if cond is None else jax.tree_util.tree_map(
+      jnp.asarray, cond))
+
+
 def rows(examples, start: int, stop: int):
   """Examples ``start:stop`` (images and condition sliced alike)."""
   return jax.tree_util.tree_map(lambda a: a[start:stop], examples)

@@ -160,7 +160,7 @@ def counterfactual(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], Params],
     A ``CounterfactualResult``.
   """
   data = jax.tree.map(np.asarray, train_images)
-  train_images = np.asarray(conditioning.images(data))
+  train_images = conditioning.images(data)
   originals = np.asarray(originals)
   scores = np.asarray(scores)
   n = train_images.shape[0]

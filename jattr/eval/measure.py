@@ -76,13 +76,12 @@ def measure_loss(apply_fn: ApplyFn, params: Params, schedule: Schedule, images, 
 
 def _check_queries(queries, draws: Draws):
   """The queries as device arrays, images [Q, *image] checked (and any condition)."""
-  images, cond = conditioning.split(queries)
-  images = jnp.asarray(images)
+  images, cond = conditioning.split(conditioning.asarray(queries))
   if images.ndim != 4 or images.shape[1:] != draws.eps.shape[1:]:
     raise ValueError(f"images must be [Q, *{tuple(draws.eps.shape[1:])}] (the draws' image "
                      f"shape), got {images.shape}")
   conditioning.check_cond(cond, images.shape[0], "the queries' cond")
-  return conditioning.join(images, None if cond is None else jax.tree.map(jnp.asarray, cond))
+  return conditioning.join(images, cond)
 
 
 def member_measure_fn(apply_fn: ApplyFn, schedule: Schedule, draws: Draws, *,

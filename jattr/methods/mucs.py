@@ -471,10 +471,6 @@ def make_unlearn_fn(apply_fn: ApplyFn, schedule: Schedule, draws: Draws, config:
   return unlearn
 
 
-def _as_arrays(examples):
-  return jax.tree.map(jnp.asarray, examples)
-
-
 def unlearn(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_images, queries,
             null: jax.Array, key: jax.Array, draws: Draws, config: UnlearnConfig, *,
             mask: Params | None = None, fisher: Params | None = None,
@@ -503,7 +499,7 @@ def unlearn(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_images,
   Returns:
     An ``UnlearnResult`` holding the Q unlearned parameter sets.
   """
-  train_images, queries = _as_arrays(train_images), _as_arrays(queries)
+  train_images, queries = conditioning.asarray(train_images), conditioning.asarray(queries)
   null = jnp.asarray(null, conditioning.images(queries).dtype)
   _check_inputs(params, train_images, queries, null, draws, config, fisher, mask)
   kernel = make_unlearn_fn(apply_fn, schedule, draws, config, mask=mask,
@@ -554,7 +550,7 @@ def mucs_scores(apply_fn: ApplyFn, params: Params, schedule: Schedule, train_ima
   Returns:
     A ``MucsResult``: scores [Q, N] (τ > 0: proponent) and the diagnostics.
   """
-  train_images, queries = _as_arrays(train_images), _as_arrays(queries)
+  train_images, queries = conditioning.asarray(train_images), conditioning.asarray(queries)
   null = jnp.asarray(null, conditioning.images(queries).dtype)
   _check_inputs(params, train_images, queries, null, draws, config, fisher, mask)
   o_draws = draws if original_draws is None else original_draws
