@@ -16,7 +16,12 @@ K = ``--digits-draws`` fixed draws):
   - ``trak``: for comparison, ``jattr.features.featurize`` of the same examples
     with f = ``measurement_fn("loss", ...)`` over the same K draws and a Rademacher
     projection to k = ``--dim``, ``--trak-chunk`` examples at a time: what one
-    would pay instead of a curvature fit to score with TRAK.
+    would pay instead of a curvature fit to score with TRAK;
+  - ``sketch``: ``jattr.curvature.fit_sketched_ggn``, the GGN in the span of a sparse
+    projection to k = ``--dim`` (``--sketch-nonzeros`` non-zeros per row), the default
+    ``"ggn_curvature_prop"`` rows (S = ``--sketch-samples`` per pair), ``--grad-batch``
+    examples per pass and ``--sketch-chunk`` rows per projected chunk, its k × k
+    eigendecomposition included.
 
 Every figure is the wall time of ONE call in a fresh process, compilation and
 kfac-jax's graph matching included (they are part of what a user waits for), with
@@ -27,7 +32,10 @@ Memory: peak RSS (VmHWM from /proc/self/status) of a K-FAC fit of
 ``cifar_30m_config()`` (~30M parameters) at 32×32 on CPU, K = ``--mem-draws``,
 ``--mem-batch`` examples per update, random images, one fresh process per
 (method, N). Each K-FAC update folds one batch into running sums, so the peak must
-not grow with N. An EK-FAC process runs K-FAC (``--ekfac-basis``) first, and
+not grow with N. The same holds for ``sketch`` (``--mem-methods sketch``, S =
+``--mem-sketch-samples``, ``--mem-grad-batch`` examples per pass, ``--mem-sketch-chunk``
+rows per chunk, at most the pass's batch × K × S rows: chunk × P floats of rows plus
+G_k, k × k, whatever N). An EK-FAC process runs K-FAC (``--ekfac-basis``) first, and
 VmHWM is read after init, after that K-FAC stage and at the end, so one EK-FAC
 process also gives the K-FAC row. The time of a fit is a fixed part (compilation,
 kfac-jax's graph matching, and at this size the eigendecompositions of the
@@ -73,7 +81,7 @@ sys.path.insert(0, str(ROOT))
 
 from _bench import PeakSampler, ints, status_kb, write_results  # noqa: E402
 
-METHODS = ("kfac_expand", "kfac_expand_kfacjax", "kfac_reduce", "ekfac", "trak")
+METHODS = ("kfac_expand", "kfac_expand_kfacjax", "kfac_reduce", "ekfac", "trak", "sketch")
 T = 1000
 
 
@@ -172,7 +180,8 @@ def worker(spec: dict) -> dict:
 
   if spec.get("warmup"):
     # One batch (one K-FAC update; for EK-FAC also its passes; for TRAK one chunk).
-    w = min(spec["trak_chunk"] if spec["method"] == "trak" else spec["batch"], n)
+    w = min({"trak": spec["trak_chunk"], "sketch": spec.get("grad_batch")}.get(
+        spec["method"], spec["batch"]), n)
     warm = _fit(spec, x[:w], params, apply_fn, xla_apply, schedule, draws, timed)
     out["warmup_n"] = w
     out["warmup_s"], out["warmup_cpu_s"] = warm["seconds"], warm["cpu_s"]
@@ -194,7 +203,7 @@ def _fit(spec, x, params, apply_fn, xla_apply, schedule, draws, timed) -> dict:
   """One fit (or TRAK featurization) of x; returns its timings."""
   import jax
 
-  from jattr.curvature import fit_ekfac, fit_kfac
+  from jattr.curvature import fit_ekfac, fit_kfac, fit_sketched_ggn
   from jattr.diffusion.measurements import measurement_fn
   from jattr.features import ProjectionConfig, featurize
 
@@ -228,6 +237,14 @@ def _fit(spec, x, params, apply_fn, xla_apply, schedule, draws, timed) -> dict:
     phi, out["seconds"], out["cpu_s"] = timed(
         lambda: featurize(fn, params, x, proj, chunk_size=spec["trak_chunk"]))
     assert phi.shape == (n, spec["dim"]) and bool(jax.numpy.all(jax.numpy.isfinite(phi)))
+  elif method == "sketch":
+    proj = ProjectionConfig(dim=spec["dim"], kind="sparse", seed=0,
+                            nonzeros=spec["sketch_nonzeros"])
+    state, out["seconds"], out["cpu_s"] = timed(lambda: fit_sketched_ggn(
+        apply_fn, params, schedule, x, draws, proj, estimation_mode="ggn_curvature_prop",
+        num_samples=spec["sketch_samples"], batch_size=spec["grad_batch"],
+        chunk_size=spec["sketch_chunk"]))
+    assert state.eigvals.shape == (spec["dim"],) and bool(np.all(np.isfinite(state.eigvals)))
   else:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   return out
@@ -284,7 +301,10 @@ def _name(r: dict, s: dict) -> str:
                                   f"{s['batch']})",
           "kfac_reduce": f"K-FAC reduce (batch {s['batch']})",
           "ekfac": f"EK-FAC = K-FAC {basis} + eigenvalue pass (batch {s['grad_batch']})",
-          "trak": f"TRAK featurize, f = loss, k = {s['dim']} (chunk {s['trak_chunk']})"
+          "trak": f"TRAK featurize, f = loss, k = {s['dim']} (chunk {s['trak_chunk']})",
+          "sketch": f"sketched GGN, sparse k = {s['dim']} (s = {s.get('sketch_nonzeros')}), "
+                    f"S = {s.get('sketch_samples')} (batch {s['grad_batch']}, chunk "
+                    f"{s.get('sketch_chunk')})",
           }[r["method"]] + alloc
 
 
@@ -418,6 +438,12 @@ def main(argv=None) -> int:
                       "default)")
   p.add_argument("--dim", type=int, default=4096, help="TRAK projection dimension k")
   p.add_argument("--trak-chunk", type=int, default=32, help="TRAK featurize chunk")
+  p.add_argument("--sketch-samples", type=int, default=16,
+                 help="S, sampled GGN rows per (example, draw) pair of the sketch (digits)")
+  p.add_argument("--sketch-chunk", type=int, default=256,
+                 help="rows per projected chunk of the sketch (digits)")
+  p.add_argument("--sketch-nonzeros", type=int, default=4,
+                 help="non-zeros per row of the sketch's sparse projection")
   p.add_argument("--mem-n", type=ints, default=[4, 16, 32, 64], help="N of the cifar_30m runs")
   p.add_argument("--mem-model", default="cifar_30m")
   p.add_argument("--mem-methods", type=_strs, default=["ekfac"],
@@ -425,6 +451,11 @@ def main(argv=None) -> int:
   p.add_argument("--mem-draws", type=int, default=1)
   p.add_argument("--mem-batch", type=int, default=2)
   p.add_argument("--mem-grad-batch", type=int, default=1)
+  p.add_argument("--mem-sketch-samples", type=int, default=1,
+                 help="S of the sketch in the memory runs")
+  p.add_argument("--mem-sketch-chunk", type=int, default=4,
+                 help="rows per projected chunk of the sketch in the memory runs (chunk × P "
+                      "floats: 4 × 30M × 4 B ≈ 0.5 GiB)")
   p.add_argument("--mem-sync-dispatch", action="store_true",
                  help="jax_cpu_enable_async_dispatch=False in the memory runs (a diagnostic)")
   p.add_argument("--mem-allocators", type=_allocators, default=["trim"],
@@ -471,7 +502,8 @@ def main(argv=None) -> int:
     setup = {"model": "digits", "draws": args.digits_draws,
              "batch": args.batch, "grad_batch": args.grad_batch, "dim": args.dim,
              "trak_chunk": args.trak_chunk, "ekfac_basis": args.ekfac_basis,
-             "warmup": args.digits_warmup}
+             "warmup": args.digits_warmup, "sketch_samples": args.sketch_samples,
+             "sketch_chunk": args.sketch_chunk, "sketch_nonzeros": args.sketch_nonzeros}
     res["digits_setup"] = setup
     res["digits"] = [run_config({**setup, "method": m, "n": n}, args.timeout)
                      for m in args.digits_methods for n in args.digits_n]
@@ -480,7 +512,9 @@ def main(argv=None) -> int:
     setup = {"model": args.mem_model, "draws": args.mem_draws, "batch": args.mem_batch,
              "grad_batch": args.mem_grad_batch, "dim": args.dim, "trak_chunk": args.mem_batch,
              "ekfac_basis": args.ekfac_basis, "warmup": args.mem_warmup,
-             "sync_dispatch": args.mem_sync_dispatch, "allocators": args.mem_allocators}
+             "sync_dispatch": args.mem_sync_dispatch, "allocators": args.mem_allocators,
+             "sketch_samples": args.mem_sketch_samples, "sketch_chunk": args.mem_sketch_chunk,
+             "sketch_nonzeros": args.sketch_nonzeros}
     res["memory_setup"] = setup
     res["memory"] = [run_config({**setup, "method": m, "n": n, "allocator": a}, args.timeout)
                      for m in args.mem_methods for n in args.mem_n

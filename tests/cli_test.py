@@ -16,7 +16,8 @@ TINY = {
               "num_groups": 4, "conv_impl": "xla"},
     "train": {"num_steps": 6, "batch_size": 8, "segment_steps": 3},
     "num_samples": 4,
-    "attribution": {"num_draws": 2, "proj_dim": 32, "chunk_size": 8, "top_k": 3},
+    "attribution": {"num_draws": 2, "proj_dim": 32, "sketch_dim": 64, "chunk_size": 8,
+                    "top_k": 3},
 }
 
 
@@ -39,8 +40,9 @@ def test_run_trains_samples_and_attributes(tmp_path, capsys):
   assert [int(r["data-query"]) for r in index.rows] == [0, 1, 2, 3]
   assert report_test.assert_links_resolve(report) > 4
   text = (report / "index.html").read_text()
-  assert "D-TRAK, f = square_norm" in text and "K = 2" in text and "k = 32" in text
-  assert "library default, not tuned" in text and "results.md#" in text
+  assert "sketched-GGN influence, f = loss" in text and "K = 2" in text
+  assert "k = 64 sparse" in text and "4 sampled rows" in text
+  assert "library default (not tuned)" in text and "results.md#" in text
   for i in range(4):  # proponents in descending, opponents in ascending order of tau
     page = report_test.parse(report / f"query_{i:03d}.html")
     tau, ids = scores["tau"][i], scores["train_ids"]
@@ -58,6 +60,16 @@ def test_run_trains_samples_and_attributes(tmp_path, capsys):
   assert cli.main(["sample", "--run", str(out)]) == 0
   np.testing.assert_array_equal(np.load(out / "samples.npz")["x"], first)
 
+  # (D-)TRAK, set in the run's config, attributes the same run
+  doc = json.loads((out / "config.json").read_text())
+  doc["attribution"]["method"] = "trak"
+  (out / "config.json").write_text(json.dumps(doc))
+  assert cli.main(["attribute", "--run", str(out), "--quiet"]) == 0
+  text = (report / "index.html").read_text()
+  assert "D-TRAK, f = square_norm" in text and "k = 32 rademacher" in text
+  assert "library default (not tuned)" in text and "effective dimension" in text
+  trak_tau = np.load(out / "attribution" / "scores.npz")["tau"]
+  assert trak_tau.shape == (4, 48) and not np.allclose(trak_tau, scores["tau"])
 
 def test_train_refuses_a_different_config_in_the_same_directory(tmp_path, capsys):
   cfg = tmp_path / "tiny.json"

@@ -218,3 +218,43 @@ def test_influence_refuses_a_curvature_of_other_training_images(tiny_run, ekfac_
   monkeypatch.setattr(workflow, "training_data", changed)
   with pytest.raises(ValueError, match="fitted on other training images"):
     runs.influence_run(tiny_run, out)
+
+
+def test_sketch_and_low_rank_round_trips_are_exact(tmp_path):
+  from jattr.curvature import (LowRankState, SketchState, fit_low_rank_ggn, fit_sketched_ggn,
+                               inverse_vp_fn)
+  from jattr.diffusion import fixed_draws, schedules
+  from jattr.features.projection import ProjectionConfig
+
+  params = toy_params(jax.random.key(0))
+  meta = {"model_hash": model_hash(params)}
+  x0 = jax.random.uniform(jax.random.key(1), (3, 4, 4, 1), minval=-1, maxval=1)
+  draws = fixed_draws(jax.random.key(2), 2, (4, 4, 1), 50)
+  schedule = schedules.linear(50)
+  v = jax.tree.map(jnp.ones_like, params)
+  sk = fit_sketched_ggn(toy_apply, params, schedule, x0, draws,
+                        ProjectionConfig(dim=8, kind="sparse", seed=3, nonzeros=4),
+                        num_samples=2, key=jax.random.key(0))
+  lr = fit_low_rank_ggn(toy_apply, params, schedule, x0, draws, 4, key=jax.random.key(0))
+  for name, state, cls in (("sketch", sk, SketchState), ("low_rank", lr, LowRankState)):
+    cs.save_curvature(tmp_path / name, state, meta)
+    loaded, got = cs.load_curvature(tmp_path / name, params, kind=name)
+    assert isinstance(loaded, cls) and got["kind"] == name
+    _assert_identical(loaded, state)
+    assert jax.tree.structure(loaded) == jax.tree.structure(state)  # projection too
+    _assert_identical(inverse_vp_fn(loaded)(v), inverse_vp_fn(state)(v))
+
+
+@pytest.mark.parametrize("approx, extra", [("sketch", ["--sketch-dim", "64", "--num-samples", "2"]),
+                                           ("low_rank", ["--rank", "8"])])
+def test_cli_fits_and_scores_the_scalable_curvatures(tiny_run, tmp_path, approx, extra):
+  out = tmp_path / approx
+  state = _cli(["fit-curvature", "--run", str(tiny_run), "--out", str(out), "--approx", approx,
+                "--num-draws", str(K), *extra, "--quiet"])
+  meta = cs.read_curvature_meta(out)
+  assert meta["kind"] == approx
+  tau = _cli(["influence", "--run", str(tiny_run), "--curvature", str(out), "--queries",
+              "samples", "--out", str(tmp_path / "s.npz"), "--quiet"])
+  assert tau.shape == (N_SAMPLES, N_TRAIN) and np.all(np.isfinite(tau))
+  if approx == "sketch":
+    assert state.dim == 64 and meta["estimation"]["num_samples"] == 2

@@ -117,7 +117,7 @@ def test_latent_run_trains_samples_and_attributes_in_latent_space(tmp_path, caps
   # The features are the UNet's gradients at the training latents (a (4, 4, 2) UNet takes
   # no 8×8 images); that they equal the pixel pipeline's under the identity space is
   # test_identity_latent_run_gives_the_pixel_runs_scores (slow).
-  assert np.load(report / "train_features.npy").shape == (48, 32)
+  assert np.load(report / "train_features.npy").shape == (48, TINY["attribution"]["sketch_dim"])
   # Training again on the finished run reuses the autoencoder (and trains nothing).
   stamp = (out / "autoencoder.npz").stat().st_mtime_ns
   assert cli.main(["train", "--config", str(out / "config.json"), "--out", str(out),

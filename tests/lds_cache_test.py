@@ -11,6 +11,7 @@ import pytest
 
 from jattr.io import checkpoint
 from jattr.bench import lds_cache
+from jattr.diffusion import draws as draws_lib
 from toy_models import TINY_LDS_SPEC as SPEC
 from toy_models import tiny_apply, tiny_init
 
@@ -291,3 +292,27 @@ def test_results_accumulate_by_method_and_refuse_another_benchmark(built, tmp_pa
   with pytest.raises(ValueError, match="results of another benchmark"):
     drivers.run_lds(config, methods=["random"], results_path=str(results))
   assert json.loads(results.read_text()) == other
+
+
+def test_sketch_method_matches_the_library_call(built):
+  """The harness's sketched-GGN scores equal ``influence`` with the fitted SketchState."""
+  from jattr.bench import curvature_methods as cm
+  from jattr.curvature import fit_sketched_ggn
+  from jattr.features.projection import ProjectionConfig
+  from jattr.methods.influence import influence
+
+  _, cache = built
+  queries = cache.splits["validation"].queries
+  train = jnp.asarray(cache.train_images)
+  score_fn, grid = cm.sketch_method(cache, dim=16, num_samples=2, num_draws=3,
+                                    grid=(0.01, 1.0), batch_size=8)
+  assert grid == [{"damping_factor": 0.01}, {"damping_factor": 1.0}]
+  assert score_fn.timing["fit_s"] > 0 and score_fn.timing["featurize_train_s"] > 0
+  draws = draws_lib.fixed_draws(jax.random.key(1), 3, (8, 8, 1), 50)
+  state = fit_sketched_ggn(cache.apply_fn, cache.full_params, cache.schedule, train, draws,
+                           ProjectionConfig(dim=16, kind="sparse", nonzeros=4),
+                           num_samples=2, key=jax.random.key(2), batch_size=8)
+  for h in grid:
+    want = influence(cache.apply_fn, cache.full_params, cache.schedule, draws, train,
+                     jnp.asarray(queries.images), state, damping_factor=h["damping_factor"])
+    np.testing.assert_allclose(score_fn(h, queries), want, rtol=2e-3, atol=1e-6)

@@ -22,7 +22,8 @@ from jattr.data import load_digits
 from jattr.io.report import top_indices, write_report
 from jattr.runs import RunConfig, label_names, pixel_neighbours, report_run, write_run_report
 from jattr.runs.config import AttributionConfig
-from jattr.runs.report_parts import (BENCHMARK_ROWS, RESULTS_DOC, benchmark_row, damping_header,
+from jattr.runs.report_parts import (BENCHMARK_ROWS, RESULTS_DOC, SKETCH_ROWS, benchmark_row,
+                                     damping_header, sketch_damping_header,
                                      github_anchor)
 from jattr.runs.run import training_data
 
@@ -191,18 +192,23 @@ def test_benchmark_rows_exist_in_results_md(tmp_path):
   """The rows the report quotes are in docs/results.md, and its link resolves."""
   headings = {github_anchor(line.lstrip("#")) for line in RESULTS_DOC.read_text().splitlines()
               if line.startswith("#")}
-  for name in BENCHMARK_ROWS.values():
+  for name in [*BENCHMARK_ROWS.values(), *SKETCH_ROWS.values()]:
     row = benchmark_row(name)
     assert row is not None, name
     assert row["anchor"] in headings and re.match(r"0\.\d+ \[", row["cells"][2]), row
   assert benchmark_row("no such method") is None
-  detail, notes, links = damping_header(AttributionConfig(), 1.5e-3, tmp_path)
-  assert "library default, not tuned" in detail and "untuned" in notes[0]
-  assert "0.437" in links[0][0]  # D-TRAK square_norm's untuned row
+  detail, notes, links = damping_header(AttributionConfig(method="trak"), 1.5e-3, tmp_path)
+  assert "library default (not tuned)" in detail and "untuned" in notes[0]
+  assert "0.642" in links[0][0]  # D-TRAK square_norm's untuned row
   href = links[0][1]
   assert (tmp_path / href.split("#")[0]).resolve() == RESULTS_DOC.resolve()
-  assert href.endswith("#influence-functions-k-fac-ek-fac-and-the-diagonal-ggn-issue-5")
+  assert href.endswith("#results-the-digits-and-fashion-mnist-lds-benchmarks")  # the summary
   detail, notes, _ = damping_header(AttributionConfig(relative_damping=0.1), 1.0, tmp_path)
+  assert "set in the run's config" in detail and not notes
+  detail, notes, links = sketch_damping_header(AttributionConfig(), 2e-4, tmp_path)
+  assert "library default (not tuned)" in detail and "untuned" in notes[0]
+  assert "Fashion-MNIST" in notes[0] and "0.697" in links[0][0]  # the sketch's default row
+  detail, notes, _ = sketch_damping_header(AttributionConfig(damping_factor=0.01), 1.0, tmp_path)
   assert "set in the run's config" in detail and not notes
 
 

@@ -68,13 +68,37 @@ def test_float32_small_damping_with_few_examples_stays_finite():
 def test_default_damping_is_scale_free(x64):
   phi = _features(0, 40, 8)
   phiq = _features(1, 3, 8)
-  state = trak.trak_fit(phi)
-  np.testing.assert_allclose(state.damping, 1e-3 * np.sum(np.asarray(phi) ** 2) / 8, rtol=1e-12)
+  fixed = trak.trak_fit(phi, relative_damping=1e-3)
+  np.testing.assert_allclose(fixed.damping, 1e-3 * np.sum(np.asarray(phi) ** 2) / 8, rtol=1e-12)
+  state = trak.trak_fit(phi)  # the default: the effective-dimension rule
+  s = np.linalg.eigvalsh(np.asarray(phi).T @ np.asarray(phi))
+  np.testing.assert_allclose(np.sum(s / (s + float(state.damping))), 8 / 4, rtol=1e-9)
   scaled = trak.trak_score(trak.trak_fit(7.0 * phi), 7.0 * phiq)
   np.testing.assert_allclose(scaled, trak.trak_score(state, phiq), rtol=1e-10)
   out = np.zeros((3, 40))
   assert trak.trak_score(state, phiq, tile=(2, 16), out=out) is out
   np.testing.assert_allclose(out, trak.trak_score(state, phiq), rtol=1e-12)
+
+
+def test_effective_dimension_damping(x64):
+  """d(λ) = ρ·r at the default λ, r the numerical rank; N < k uses the N × N Gram."""
+  rng = np.random.default_rng(3)
+  phi = rng.standard_normal((30, 200)) * np.logspace(0, 2, 200)  # N < k: rank 30
+  lam = float(trak.effective_dimension_damping(phi, fraction=0.4))
+  s = trak.kernel_eigenvalues(phi)
+  assert s.shape == (30,)
+  np.testing.assert_allclose(trak.effective_dimension(s, lam), 0.4 * 30, rtol=1e-9)
+  dup = np.concatenate([phi[:10], phi[:10]])  # rank 10 of 20 rows
+  lam = float(trak.effective_dimension_damping(dup))
+  np.testing.assert_allclose(trak.effective_dimension(trak.kernel_eigenvalues(dup), lam),
+                             10 / 4, rtol=1e-6)
+  # the same λ for features rescaled by any constant, times the scale²
+  np.testing.assert_allclose(float(trak.effective_dimension_damping(3.0 * phi)) / 9,
+                             float(trak.effective_dimension_damping(phi)), rtol=1e-9)
+  with pytest.raises(ValueError, match="fraction"):
+    trak.effective_dimension_damping(phi, fraction=1.0)
+  with pytest.raises(ValueError, match="all zero"):
+    trak.effective_dimension_damping(np.zeros((3, 4)))
 
 
 def test_ensemble_is_mean_of_models(x64):

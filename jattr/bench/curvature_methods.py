@@ -25,6 +25,13 @@ comparable with those fitted through kfac-jax, whose graph matcher does not
 recognise im2col convolutions. The fit time (wall, one process, compile included)
 is recorded in ``fit_seconds`` of the returned score function for the results table.
 
+The ``sketch_ggn`` variants (``jattr.curvature.fit_sketched_ggn``) fit the GGN in
+the span of the projection P of TRAK's features, G_k = PᵀGP from S sampled rows
+per (example, draw) pair, and score τ = φ_qᵀ(G_k + λI)⁻¹φ_i on the features
+φ = Pᵀ∇ (``sketch_method``). They record, besides ``fit_seconds``, the seconds to
+featurise the training set with the same P (TRAK's featurisation, the yardstick of
+the fit's cost), both measured in the same process.
+
 ``wrt`` (a ``jattr.wrt`` selector; ``None``: all parameters) restricts the model
 before anything is fitted (``jattr.wrt.restrict``): the curvature is that of the
 selected parameters θ_S, the others held fixed, and the gradients are ∇_{θ_S} — one
@@ -41,26 +48,30 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jattr import models
-from jattr.bench import lds_cache
-from jattr.curvature import (CURVATURE_KINDS, DEFAULT_ESTIMATION_MODE, MAX_DENSE_PARAMS,
-                             curvature_kind, dense_ggn, dense_state, fit_diagonal, fit_ekfac,
-                             fit_kfac, inverse_vp_fn)
+from jattr.bench import gradient_methods, lds_cache
+from jattr.curvature import (CURVATURE_KINDS, DEFAULT_ESTIMATION_MODE, DEFAULT_SKETCH_SAMPLES,
+                             MAX_DENSE_PARAMS, curvature_kind, dense_ggn, dense_state,
+                             fit_diagonal, fit_ekfac, fit_kfac, fit_low_rank_ggn,
+                             fit_sketched_ggn, inverse_vp_fn, sketch_scores)
 from jattr.curvature.dense import check_dense_size
 from jattr.diffusion import draws as draws_lib
 from jattr.diffusion.measurements import measurement_fn
+from jattr.features.projection import ProjectionConfig
 from jattr.grads.per_example import per_example_flat_grads
 from jattr.methods.influence import influence_scores
 from jattr.wrt import restrict
 
 DAMPING_FACTOR_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-APPROXIMATIONS = (*CURVATURE_KINDS, "identity", "dense_blockdiag")
-"""What the harness fits: every stored curvature kind, the identity (exact gradient
-dot products) and the dense GGN's within-layer blocks."""
+APPROXIMATIONS = (*(k for k in CURVATURE_KINDS if k != "sketch"), "identity",
+                  "dense_blockdiag")
+"""What ``influence_method`` fits: every stored curvature kind but the sketch (which
+scores projected features: ``sketch_method``), the identity (exact gradient dot
+products) and the dense GGN's within-layer blocks."""
 
 
 def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand",
                   num_draws: int = 10, draw_seed: int = 1, batch_size: int = 50,
-                  estimation_mode: str = DEFAULT_ESTIMATION_MODE, wrt=None):
+                  estimation_mode: str = DEFAULT_ESTIMATION_MODE, wrt=None, rank: int = 256):
   """Fits the curvature of the cache's full-data model; returns (state, draws, seconds).
 
   With ``wrt`` the curvature is that of the selected parameters (module docstring).
@@ -90,6 +101,13 @@ def fit_curvature(cache, *, approx: str = "kfac", weight_sharing: str = "expand"
       layer = layer_ids(params)
       g = np.where(layer[:, None] == layer[None, :], g, 0.0)
     return dense_state(g), draws, time.perf_counter() - t0
+  if approx == "low_rank":
+    # The top-r eigenpairs of G by Lanczos (2r GGN matvecs over the N·K pairs), the
+    # rest of the spectrum its mean remaining eigenvalue.
+    state = fit_low_rank_ggn(apply_fn, params, cache.schedule, train, draws, rank,
+                             key=jax.random.key(2), chunk_size=batch_size)
+    jax.block_until_ready(jax.tree.leaves(state))
+    return state, draws, time.perf_counter() - t0
   if approx == "diagonal":
     state = fit_diagonal(apply_fn, params, cache.schedule, train, draws,
                          batch_size=batch_size, parameterization=param)
@@ -132,11 +150,14 @@ def _fit_once(cache, **options):
 def influence_method(cache, *, approx: str = "kfac", weight_sharing: str = "expand",
                      num_draws: int = 10, draw_seed: int = 1, measurement: str = "loss",
                      tune: bool = True, grid=DAMPING_FACTOR_GRID, batch_size: int = 50,
-                     estimation_mode: str = DEFAULT_ESTIMATION_MODE, wrt=None):
-  """K-FAC / EK-FAC / diagonal / dense-GGN influence on the full-data model
+                     estimation_mode: str = DEFAULT_ESTIMATION_MODE, wrt=None,
+                     rank: int | None = None):
+  """K-FAC / EK-FAC / diagonal / dense / low-rank-GGN influence on the full-data model
   (``wrt``: with respect to the selected parameters, fit and gradients alike)."""
   # wrt=None leaves the memo key (and everything else) as it was without the option.
   extra = {} if wrt is None else {"wrt": wrt}
+  if rank is not None:
+    extra["rank"] = rank
   state, draws, seconds = _fit_once(cache, approx=approx, weight_sharing=weight_sharing,
                                     num_draws=num_draws, draw_seed=draw_seed,
                                     batch_size=batch_size, estimation_mode=estimation_mode,
@@ -179,6 +200,47 @@ def influence_method(cache, *, approx: str = "kfac", weight_sharing: str = "expa
   return score_fn, grid
 
 
+def sketch_method(cache, *, dim: int = 4096, kind: str = "sparse", nonzeros: int = 4,
+                  num_samples: int = DEFAULT_SKETCH_SAMPLES,
+                  estimation_mode: str = "ggn_curvature_prop", num_draws: int = 10,
+                  draw_seed: int = 1, measurement: str = "loss", tune: bool = True,
+                  grid=DAMPING_FACTOR_GRID, batch_size: int = 10, chunk_size: int = 256,
+                  sample_seed: int = 2, wrt=None):
+  """Sketched-GGN influence: τ = φ_qᵀ(G_k + λI)⁻¹φ_i with φ = Pᵀ∇ (module docstring).
+
+  The features use the projection of the fit (``gradient_methods.feature_fn``: the
+  same draws as the fit, f = ``measurement`` on the query side, the loss on the
+  training side); λ = factor × the mean eigenvalue of G_k.
+  """
+  options = dict(num_draws=num_draws, draw_seed=draw_seed, dim=dim, kind=kind,
+                 nonzeros=nonzeros, wrt=wrt)
+  t0 = time.perf_counter()
+  train = gradient_methods.feature_fn(cache, measurement="loss", **options)(cache.train_examples)
+  jax.block_until_ready(train)
+  featurize_seconds = time.perf_counter() - t0
+  config = ProjectionConfig(dim=dim, kind=kind, seed=0, nonzeros=nonzeros)
+  shape = tuple(cache.train_images.shape[1:])
+  draws = draws_lib.fixed_draws(jax.random.key(draw_seed), num_draws, shape,
+                                cache.schedule.num_timesteps)
+  t0 = time.perf_counter()
+  state = fit_sketched_ggn(cache.apply_fn, cache.full_params, cache.schedule,
+                           cache.train_examples, draws, config, estimation_mode=estimation_mode,
+                           num_samples=num_samples, key=jax.random.key(sample_seed),
+                           batch_size=batch_size, chunk_size=chunk_size,
+                           parameterization=cache.train_config.parameterization, wrt=wrt)
+  fit_seconds = time.perf_counter() - t0
+  queries = gradient_methods.cached_query_features(
+      gradient_methods.feature_fn(cache, measurement=measurement, **options))
+
+  def score_fn(hparams, split):
+    return np.asarray(sketch_scores(state, queries(split), train,
+                                    damping_factor=hparams.get("damping_factor", 0.1)))
+
+  score_fn.fit_seconds = fit_seconds
+  score_fn.timing = {"fit_s": fit_seconds, "featurize_train_s": featurize_seconds}
+  return score_fn, ([{"damping_factor": c} for c in grid] if tune else [{}])
+
+
 def _variants() -> dict:
   out = {}
   for approx in ("kfac", "ekfac"):
@@ -203,6 +265,19 @@ def _variants() -> dict:
   out["dense_ggn_blockdiag"] = functools.partial(influence_method, approx="dense_blockdiag",
                                                  batch_size=4)
   out["grad_dot_exact"] = functools.partial(influence_method, approx="identity", tune=False)
+  # The sketched GGN: k = 4096 (a third of the digits UNet's P), sparse P with 4
+  # non-zeros per row, S sampled rows per pair (16 by default; S = 4 and the dense
+  # Gaussian P to show what the sample count and the projection cost).
+  # Low rank plus rest: Lanczos's top r eigenpairs of G, the rest a scaled identity.
+  for r in (256, 1024):
+    out[f"low_rank_ggn_r{r}"] = functools.partial(influence_method, approx="low_rank", rank=r,
+                                                  batch_size=200)
+  out["sketch_ggn"] = sketch_method
+  out["sketch_ggn_default"] = functools.partial(sketch_method, tune=False)
+  out["sketch_ggn_s4"] = functools.partial(sketch_method, num_samples=4)
+  out["sketch_ggn_s64"] = functools.partial(sketch_method, num_samples=64)
+  out["sketch_ggn_k8192"] = functools.partial(sketch_method, dim=8192)
+  out["sketch_ggn_gaussian"] = functools.partial(sketch_method, kind="gaussian")
   return out
 
 

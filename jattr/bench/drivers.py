@@ -216,10 +216,11 @@ def run_lds(config: dict, *, methods=None, scores: dict | None = None,
     reports.append(select_and_evaluate(name, score_fn, grid, cache.masks,
                                        cache.splits[VALIDATION], reported, **boot))
     # setup: the method's once-per-model work (featurising or fitting the training
-    # set, compile included); scoring: every grid point on validation, then the
-    # chosen one on each reported split.
+    # set, compile included); scoring: every grid point on validation (the points
+    # a widened grid added included), then the chosen one on each reported split.
     timing[name] = {"setup_s": t2 - t1, "scoring_s": time.perf_counter() - t2,
-                    "grid_size": len(grid)}
+                    "grid_size": len(reports[-1].grid),
+                    **getattr(score_fn, "timing", {})}  # a method's own stage times
   for name, path in scores.items():
     score_fn, grid = scores_file_method(path)
     reports.append(select_and_evaluate(name, score_fn, grid, cache.masks,

@@ -40,7 +40,7 @@ from jattr.features.projection import ProjectionConfig, featurize
 from jattr.features.structured import StructuredConfig, structured_featurize
 from jattr.bench.lds_cache import unet_config
 from jattr.methods import baselines
-from jattr.methods.trak import DEFAULT_RELATIVE_DAMPING, trak_fit, trak_score
+from jattr.methods.trak import trak_fit, trak_score
 
 RELATIVE_DAMPING_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
@@ -129,7 +129,7 @@ def _dtype(params):
   return jax.tree.leaves(params)[0].dtype
 
 
-def _cached_query_features(features):
+def cached_query_features(features):
   """Featurises each query split once (the λ grid reuses them)."""
   memo = {}
 
@@ -150,16 +150,16 @@ def trak_method(cache, *, grid=RELATIVE_DAMPING_GRID, featurizer=feature_fn,
   """
   features = featurizer(cache, **feature_options)
   train = features(cache.train_examples)
-  query_features = _cached_query_features(features)
+  query_features = cached_query_features(features)
   states = {}
 
   def score_fn(hparams, queries):
-    c = hparams["relative_damping"]
+    c = hparams.get("relative_damping")  # absent: the library default rule
     if c not in states:
       states[c] = trak_fit(train, relative_damping=c)
     return np.asarray(trak_score(states[c], query_features(queries)))
 
-  return score_fn, [{"relative_damping": c} for c in grid]
+  return score_fn, [c if isinstance(c, dict) else {"relative_damping": c} for c in grid]
 
 
 def grad_similarity_method(cache, *, similarity: str = "dot", **feature_options):
@@ -168,7 +168,7 @@ def grad_similarity_method(cache, *, similarity: str = "dot", **feature_options)
     raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
   features = feature_fn(cache, **feature_options)
   train = features(cache.train_examples)
-  query_features = _cached_query_features(features)
+  query_features = cached_query_features(features)
   score = baselines.grad_dot if similarity == "dot" else baselines.grad_cosine
 
   def score_fn(hparams, queries):
@@ -210,9 +210,13 @@ def _variants() -> dict:
     out[f"{prefix}_structured_12x12"] = functools.partial(
         trak_method, featurizer=structured_feature_fn, measurement=f, dim_in=12, dim_out=12)
     out[f"{prefix}_kernels"] = functools.partial(trak_method, measurement=f, covered="kernels")
-  # The library default c = 1e-3 with no tuning (to compare with K-FAC's default).
-  for name, f in (("trak_default", "loss"), ("dtrak_square_norm_default", "square_norm")):
-    out[name] = functools.partial(trak_method, measurement=f, grid=(DEFAULT_RELATIVE_DAMPING,))
+  # The library default with no tuning: λ at which the kernel's effective dimension
+  # is a quarter of its rank (``jattr.methods.trak.effective_dimension_damping``);
+  # ``*_c1e-3`` the old default c = 1e-3 (λ = 1e-3 · tr(ΦᵀΦ)/k), for the record.
+  for prefix, f in (("trak", "loss"), ("dtrak_square_norm", "square_norm"),
+                    ("dtrak_mean", "mean")):
+    out[f"{prefix}_default"] = functools.partial(trak_method, measurement=f, grid=({},))
+    out[f"{prefix}_c1e-3"] = functools.partial(trak_method, measurement=f, grid=(1e-3,))
   out["grad_dot"] = functools.partial(grad_similarity_method, similarity="dot")
   out["grad_cosine"] = functools.partial(grad_similarity_method, similarity="cosine")
   out["grad_cosine_square_norm"] = functools.partial(grad_similarity_method, similarity="cosine",

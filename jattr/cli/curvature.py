@@ -9,6 +9,7 @@ from jattr.cli import flags
 from jattr.cli.progress import progress_for
 from jattr.curvature import DEFAULT_ESTIMATION_MODE, ESTIMATION_MODES, MAX_DENSE_PARAMS
 from jattr.diffusion.measurements import MEASUREMENTS
+from jattr.features.projection import PROJECTION_KINDS, ProjectionConfig
 from jattr.io import guard
 from jattr.runs import CURVATURES, fit_run_curvature, influence_run, write_influence
 from jattr.runs import curvature as workflow
@@ -22,7 +23,10 @@ def cmd_fit_curvature(args):
       damping=args.damping, estimation_mode=args.estimation_mode, num_samples=args.num_samples,
       seed=args.seed, batch_size=args.batch_size, grad_batch_size=args.grad_batch_size,
       chunk_size=args.chunk_size, max_dense_params=args.max_dense_params,
-      overwrite=args.overwrite, progress=progress_for(args), wrt=args.wrt)
+      overwrite=args.overwrite, progress=progress_for(args), wrt=args.wrt,
+      projection=ProjectionConfig(dim=args.sketch_dim, kind=args.sketch_projection, seed=0,
+                                  nonzeros=4 if args.sketch_projection == "sparse" else 2),
+      rank=args.rank)
   ws = f" ({meta['weight_sharing']})" if meta["weight_sharing"] else ""
   print(f"{meta['kind']}{ws} curvature of {meta['num_parameters']:,} parameters over "
         f"{meta['dataset']['num']} examples x {meta['draws']['num_draws']} draws -> {args.out} "
@@ -50,7 +54,8 @@ def cmd_influence(args):
 def add_parsers(sub) -> None:
   """Adds ``fit-curvature`` and ``influence`` to an argparse subparsers object."""
   p = sub.add_parser(
-      "fit-curvature", help="fit K-FAC / EK-FAC / diagonal / dense curvature of a run's "
+      "fit-curvature", help="fit K-FAC / EK-FAC / diagonal / dense / sketched / low-rank GGN "
+                            "curvature of a run's "
                             "training loss",
       description=workflow.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   flags.run_dir(p)
@@ -65,8 +70,18 @@ def add_parsers(sub) -> None:
                       "eigenvalue, per block)")
   p.add_argument("--estimation-mode", choices=ESTIMATION_MODES, default=DEFAULT_ESTIMATION_MODE,
                  help="how G is sampled (default: %(default)s)")
-  p.add_argument("--num-samples", type=flags.positive_int, default=1,
-                 help="random output vectors per example-draw (default: %(default)s)")
+  p.add_argument("--num-samples", type=flags.positive_int,
+                 help="random output vectors per example-draw (default: 1; 16 for --approx "
+                      "sketch)")
+  p.add_argument("--sketch-dim", type=flags.positive_int, default=4096,
+                 help="k of --approx sketch: G is fitted in a random k-dimensional subspace "
+                      "(default: %(default)s)")
+  p.add_argument("--rank", type=flags.positive_int, default=256,
+                 help="r of --approx low_rank: the top-r eigenpairs of G by Lanczos "
+                      "(default: %(default)s)")
+  p.add_argument("--sketch-projection", choices=PROJECTION_KINDS, default="sparse",
+                 help="the random P of --approx sketch (default: %(default)s, 4 non-zeros "
+                      "per row)")
   p.add_argument("--seed", type=int, default=0, help="seed of the sampled estimation modes")
   p.add_argument("--batch-size", type=flags.positive_int, default=64,
                  help="examples (each with all K draws) per K-FAC update (default: %(default)s)")

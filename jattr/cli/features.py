@@ -74,8 +74,9 @@ def add_parsers(sub) -> None:
   p.add_argument("--query-store", required=True, help="feature store of the queries")
   p.add_argument("--method", choices=SCORE_METHODS, default="trak", help="default: %(default)s")
   p.add_argument("--damping", type=flags.nonneg_float, help="TRAK: explicit lambda >= 0")
-  p.add_argument("--relative-damping", type=flags.nonneg_float, default=1e-3,
+  p.add_argument("--relative-damping", type=flags.nonneg_float,
                  help="TRAK: lambda = c * tr(Phi^T Phi)/k when --damping is not given "
-                      "(default: %(default)s)")
+                      "(default: the lambda at which the kernel's effective dimension is a "
+                      "quarter of its rank)")
   p.add_argument("--out", required=True, help="output .npz")
   p.set_defaults(func=cmd_score)

@@ -148,7 +148,8 @@ def add_parsers(sub) -> None:
                  help="number of samples (default: the run's config)")
   p.add_argument("--seed", type=int, help="sampler seed (default: the run's config)")
   p.set_defaults(func=cmd_sample)
-  p = sub.add_parser("attribute", help="attribute a run's samples (D-TRAK) and write a report")
+  p = sub.add_parser("attribute", help="attribute a run's samples (sketched-GGN influence or "
+                                        "(D-)TRAK) and write a report")
   flags.run_dir(p)
   flags.wrt(p, help=flags.WRT_HELP.replace("default: all parameters", "default: the run "
                                            "config's attribution.wrt, else all parameters"))

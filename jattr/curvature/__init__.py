@@ -43,3 +43,13 @@ from jattr.curvature.kfac import fit_kfac
 from jattr.curvature.kfac import kfac_eigenvalues
 from jattr.curvature.kfac import kfac_inverse_vp
 from jattr.curvature.kfac import kfac_matvec
+from jattr.curvature.low_rank import LowRankState
+from jattr.curvature.low_rank import fit_low_rank_ggn
+from jattr.curvature.low_rank import lanczos_eigh
+from jattr.curvature.low_rank import low_rank_inverse_vp
+from jattr.curvature.low_rank import low_rank_matvec
+from jattr.curvature.sketch import DEFAULT_SKETCH_SAMPLES
+from jattr.curvature.sketch import SketchState
+from jattr.curvature.sketch import fit_sketched_ggn
+from jattr.curvature.sketch import sketch_inverse_vp
+from jattr.curvature.sketch import sketch_scores

@@ -12,6 +12,8 @@ kind           state              (C + λI)⁻¹ v
 ``ekfac``      ``EkfacState``     ``ekfac_inverse_vp``
 ``diagonal``   ``DiagonalState``  ``diagonal_inverse_vp``
 ``dense``      ``DenseState``     ``dense_state_inverse_vp``
+``sketch``     ``SketchState``    ``sketch_inverse_vp``
+``low_rank``   ``LowRankState``   ``low_rank_inverse_vp``
 (raw matrix)   [P, P] array       ``dense_inverse_vp`` (a solve)
 ``None``       identity           ``identity_inverse_vp``
 =============  =================  ===============================
@@ -31,21 +33,26 @@ from jattr.curvature.diagonal import DiagonalState, diagonal_inverse_vp, identit
 from jattr.curvature.ekfac import EkfacState, ekfac_inverse_vp
 from jattr.curvature.ggn import check_damping
 from jattr.curvature.kfac import DEFAULT_DAMPING_FACTOR, KfacState, kfac_inverse_vp
+from jattr.curvature.low_rank import LowRankState, low_rank_inverse_vp
+from jattr.curvature.sketch import SketchState, sketch_inverse_vp
 from jattr.types import Params
 
 InverseVP = Callable[[Params], Params]
 """``inverse_vp(v) -> (C + λ I)⁻¹ v`` for ONE params-shaped vector."""
 
-CURVATURE_KINDS = ("kfac", "ekfac", "diagonal", "dense")
+CURVATURE_KINDS = ("kfac", "ekfac", "diagonal", "dense", "sketch", "low_rank")
 """The kinds of fitted curvature a file can hold (``curvature_kind``)."""
 
 _STATES = ((KfacState, "kfac", kfac_inverse_vp), (EkfacState, "ekfac", ekfac_inverse_vp),
            (DiagonalState, "diagonal", diagonal_inverse_vp),
-           (DenseState, "dense", dense_state_inverse_vp))
+           (DenseState, "dense", dense_state_inverse_vp),
+           (SketchState, "sketch", sketch_inverse_vp),
+           (LowRankState, "low_rank", low_rank_inverse_vp))
 
 
 def curvature_kind(state: Any) -> str:
-  """``"kfac"``, ``"ekfac"``, ``"diagonal"`` or ``"dense"`` for a fitted state.
+  """``"kfac"``, ``"ekfac"``, ``"diagonal"``, ``"dense"``, ``"sketch"`` or ``"low_rank"`` for a
+  fitted state.
 
   Raises:
     TypeError: for anything else (a raw dense matrix too: wrap it with
@@ -54,7 +61,8 @@ def curvature_kind(state: Any) -> str:
   for cls, kind, _ in _STATES:
     if isinstance(state, cls):
       return kind
-  raise TypeError("state must be a KfacState, EkfacState, DiagonalState or DenseState, got "
+  raise TypeError("state must be a KfacState, EkfacState, DiagonalState, DenseState, "
+                  "SketchState or LowRankState, got "
                   f"{type(state).__name__} {getattr(state, 'shape', '')}")
 
 

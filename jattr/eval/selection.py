@@ -5,6 +5,41 @@ LDS on *validation* queries alone; only then is the method run, once, on the
 reported query sets (held-out test images, generated samples). The returned
 ``MethodReport`` records the split used for selection, the whole validation
 curve and the chosen values, and is the only thing the results table renders.
+
+Widening (``max_widen``). A best candidate on the edge of the grid (the largest
+or smallest damping tried) says only that the optimum lies at or beyond that
+edge: the grid did not contain it, and the reported LDS understates the method
+by an unknown amount. So when the grid is a *one-key geometric* grid — every
+candidate the same single key, its values positive finite numbers (not bools),
+at least two of them, strictly increasing or decreasing with a constant ratio r
+(``v[i+1] / v[i]`` equal to within 1e-6 relative), e.g. damping grids
+``(1e-6, 1e-5, ..., 10)`` — and the best candidate is the first or the last,
+the grid is extended one step beyond that edge (``v[0] / r`` before the first,
+``v[-1] * r`` after the last; rounded to 12 significant digits so that the
+tables read ``1000.0``, not ``1000.0000000000002``), that candidate is scored on
+validation, and the search repeats until the best is interior or ``max_widen``
+points have been added on that side (each side counted separately; 0 disables
+widening). A new point that does not strictly beat the best so far ends the
+search with the choice unchanged (now interior: the curve is flat or falls beyond
+the edge, so a plateau is not chased to ever smaller dampings). The widened grid
+keeps the original direction; ``MethodReport.grid`` and ``validation_lds``
+record every point scored, in grid order. An integer-valued grid (all values
+``int``) is only widened to integers: it stops at a side where the next value
+would not be whole (``1 / 2``). Widening also stops where the next value would
+overflow or underflow. Other grids (several keys, non-numeric values, an
+unsorted or arithmetic axis) are scored exactly as given.
+
+Edges (``MethodReport.at_edge``). When the best is still at an edge of the
+final grid — ``max_widen`` was exhausted, the grid is not geometric, or it was
+not widened at all — the report says so and the table marks the chosen cell
+``c=100 (grid edge)``. An edge is defined only for an *ordered one-axis* grid:
+at least two candidates with the same keys, exactly one of which varies across
+them, its values numeric (not bools) and strictly increasing or decreasing (a
+one-key sorted numeric grid is the common case; ``{"lr": 1e-4, "w": g}`` over
+g is another). ``at_edge`` is True when the chosen candidate is the first or the
+last of such a grid, and False for ``[{}]``, an interior choice, or a grid with
+no single ordered axis (several varying keys, an unsorted list) whose ends are
+not the ends of a range.
 """
 
 from __future__ import annotations
@@ -82,6 +117,9 @@ class MethodReport:
     chosen: the selected candidate (the first of the best).
     results: LDS on each reported split, by split name.
     ceilings: the noise ceiling of each reported split, by split name.
+    at_edge: the chosen candidate is the first or last of ``grid`` and ``grid``
+      is an ordered one-axis grid (module docstring): its optimum may lie
+      beyond the values tried.
   """
 
   method: str
@@ -91,20 +129,88 @@ class MethodReport:
   chosen: dict
   results: dict
   ceilings: dict
+  at_edge: bool = False
 
   def to_dict(self) -> dict:
     return {"method": self.method, "selected_on": self.selected_on, "grid": self.grid,
             "validation_lds": self.validation_lds, "chosen": self.chosen,
             "results": {k: v.to_dict() for k, v in self.results.items()},
-            "ceilings": {k: v.to_dict() for k, v in self.ceilings.items()}}
+            "ceilings": {k: v.to_dict() for k, v in self.ceilings.items()},
+            "at_edge": bool(self.at_edge)}
 
   @classmethod
   def from_dict(cls, d: dict) -> "MethodReport":
-    """Inverse of ``to_dict`` (results records are JSON)."""
-    return cls(method=d["method"], selected_on=d["selected_on"], grid=list(d["grid"]),
-               validation_lds=list(d["validation_lds"]), chosen=dict(d["chosen"]),
+    """Inverse of ``to_dict`` (results records are JSON).
+
+    A record written before ``at_edge`` existed gets it recomputed from its grid
+    and chosen candidate (``chosen_at_edge``).
+    """
+    grid, chosen = list(d["grid"]), dict(d["chosen"])
+    at_edge = d["at_edge"] if "at_edge" in d else chosen_at_edge(grid, chosen)
+    return cls(method=d["method"], selected_on=d["selected_on"], grid=grid,
+               validation_lds=list(d["validation_lds"]), chosen=chosen,
                results={k: LdsResult.from_dict(v) for k, v in d["results"].items()},
-               ceilings={k: LdsResult.from_dict(v) for k, v in d["ceilings"].items()})
+               ceilings={k: LdsResult.from_dict(v) for k, v in d["ceilings"].items()},
+               at_edge=bool(at_edge))
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+      v, (bool, np.bool_))
+
+
+def _strictly_monotone(values) -> bool:
+  inc = all(a < b for a, b in zip(values, values[1:]))
+  dec = all(a > b for a, b in zip(values, values[1:]))
+  return inc or dec
+
+
+def _ordered_axis(grid: Sequence[dict]) -> str | None:
+  """The key of an ordered one-axis grid (module docstring), else None."""
+  if len(grid) < 2 or any(set(h) != set(grid[0]) for h in grid):
+    return None
+  varying = [k for k in grid[0] if any(h[k] != grid[0][k] for h in grid)]
+  if len(varying) != 1:
+    return None
+  values = [h[varying[0]] for h in grid]
+  if not all(_is_number(v) for v in values) or not _strictly_monotone(values):
+    return None
+  return varying[0]
+
+
+def chosen_at_edge(grid: Sequence[dict], chosen: dict) -> bool:
+  """Whether ``chosen`` is the first or last candidate of an ordered one-axis grid."""
+  if _ordered_axis(grid) is None:
+    return False
+  return dict(chosen) in (dict(grid[0]), dict(grid[-1]))
+
+
+def _geometric_ratio(grid: Sequence[dict]) -> tuple[str, float] | None:
+  """``(key, ratio)`` of a one-key geometric grid (module docstring), else None."""
+  if len(grid) < 2 or len(grid[0]) != 1 or any(set(h) != set(grid[0]) for h in grid):
+    return None
+  (key,) = grid[0]
+  values = [h[key] for h in grid]
+  if not all(_is_number(v) and np.isfinite(v) and v > 0 for v in values):
+    return None
+  if not _strictly_monotone(values):
+    return None
+  ratios = [float(b) / float(a) for a, b in zip(values, values[1:])]
+  ratio = (float(values[-1]) / float(values[0])) ** (1.0 / (len(values) - 1))
+  if any(abs(q - ratio) > 1e-6 * ratio for q in ratios):
+    return None
+  return key, ratio
+
+
+def _next_value(value, ratio: float, integral: bool):
+  """``value * ratio``, rounded to 12 significant digits; None where it cannot be."""
+  v = float(value) * ratio
+  if not np.isfinite(v) or v <= 0:
+    return None
+  v = float(f"{v:.12g}")
+  if integral:
+    return int(round(v)) if abs(v - round(v)) <= 1e-9 * v and round(v) >= 1 else None
+  return v
 
 
 def _image_digests(images) -> set:
@@ -124,13 +230,17 @@ def _scores_for(score_fn, hparams, queries: Queries, num_examples: int) -> np.nd
 def select_and_evaluate(method: str, score_fn: ScoreFn, grid: Sequence[dict], masks,
                         validation: QuerySet, reported: Sequence[QuerySet], *,
                         num_resamples: int = 10000, confidence: float = 0.95,
-                        seed: int = 0) -> MethodReport:
+                        seed: int = 0, max_widen: int = 4) -> MethodReport:
   """Chooses hyper-parameters on validation queries, then scores the reported splits.
 
   For each candidate h of ``grid`` the method scores the validation queries and
   gets their LDS; the chosen h* maximises it (ties: the first). Only then is
   ``score_fn(h*, ·)`` run on each reported split — the reported numbers never
   feed back into the choice.
+
+  A one-key geometric grid whose best is at an edge is widened past that edge,
+  one validation-scored point at a time, up to ``max_widen`` points per side
+  (module docstring); a best still at an edge is flagged ``at_edge``.
 
   Args:
     method: a name for the report.
@@ -141,17 +251,22 @@ def select_and_evaluate(method: str, score_fn: ScoreFn, grid: Sequence[dict], ma
     reported: the splits to report (e.g. test and generated); none may be named
       ``"validation"`` or share an image with the validation split.
     num_resamples, confidence, seed: the bootstrap over queries.
+    max_widen: the most points added beyond each edge of a geometric grid
+      (0: score the grid as given).
 
   Returns:
     A ``MethodReport``.
 
   Raises:
     ValueError: the validation split is misnamed, a reported split is the
-      validation split or overlaps it, or the grid is empty.
+      validation split or overlaps it, the grid is empty, or ``max_widen`` is
+      negative.
   """
   grid = [dict(h) for h in grid]
   if not grid:
     raise ValueError("grid is empty: pass [{}] for a method without hyper-parameters")
+  if max_widen < 0:
+    raise ValueError(f"max_widen must be >= 0, got {max_widen}")
   if validation.name != VALIDATION:
     raise ValueError(f"hyper-parameters are selected on the {VALIDATION!r} split only; "
                      f"got a split named {validation.name!r}")
@@ -166,11 +281,40 @@ def select_and_evaluate(method: str, score_fn: ScoreFn, grid: Sequence[dict], ma
   masks = np.asarray(masks)
   n = masks.shape[1]
   boot = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
-  val_lds = []
-  for h in grid:
+
+  def validation_lds(h):
     tau = _scores_for(score_fn, h, validation.queries, n)
-    val_lds.append(float(lds_per_query(tau, masks, validation.y).mean()))
+    return float(lds_per_query(tau, masks, validation.y).mean())
+
+  val_lds = [validation_lds(h) for h in grid]
   best = int(np.argmax(val_lds))
+  geometric = _geometric_ratio(grid) if max_widen else None
+  if geometric is not None:
+    key, ratio = geometric
+    integral = all(isinstance(h[key], (int, np.integer)) for h in grid)
+    added = {"first": 0, "last": 0}
+    while True:
+      side = "first" if best == 0 else "last" if best == len(grid) - 1 else None
+      if side is None or added[side] >= max_widen:
+        break
+      edge = grid[0][key] if side == "first" else grid[-1][key]
+      value = _next_value(edge, 1.0 / ratio if side == "first" else ratio, integral)
+      if value is None:
+        break
+      h = {key: value}
+      score = validation_lds(h)
+      improves = score > val_lds[best]
+      if side == "first":
+        grid.insert(0, h)
+        val_lds.insert(0, score)
+        best += 1
+      else:
+        grid.append(h)
+        val_lds.append(score)
+      added[side] += 1
+      if not improves:  # the curve turns down or is flat beyond the edge: bracketed
+        break
+      best = int(np.argmax(val_lds))
   chosen = grid[best]
   results, ceilings = {}, {}
   for split in reported:
@@ -178,15 +322,18 @@ def select_and_evaluate(method: str, score_fn: ScoreFn, grid: Sequence[dict], ma
     results[split.name] = lds(tau, masks, split.y, **boot)
     if split.y.ndim == 3 and split.y.shape[-1] >= 2:
       ceilings[split.name] = noise_ceiling(split.y, **boot)
+  at_edge = _ordered_axis(grid) is not None and best in (0, len(grid) - 1)
   return MethodReport(method=method, selected_on=VALIDATION, grid=grid, validation_lds=val_lds,
-                      chosen=chosen, results=results, ceilings=ceilings)
+                      chosen=chosen, results=results, ceilings=ceilings, at_edge=at_edge)
 
 
 def results_table(reports: Sequence[MethodReport], splits: Sequence[str] = ("test", "generated")
                   ) -> str:
   """A markdown table: method, chosen hyper-parameters, LDS [interval] per split.
 
-  The last row is the split-half noise ceiling of each split.
+  A chosen value at an edge of its grid (``MethodReport.at_edge``) is marked
+  ``c=100 (grid edge)``: the optimum may lie beyond the values tried. The last
+  row is the split-half noise ceiling of each split.
   """
   if not reports:
     raise ValueError("reports is empty")
@@ -199,6 +346,8 @@ def results_table(reports: Sequence[MethodReport], splits: Sequence[str] = ("tes
   rows = [head, rule]
   for r in reports:
     chosen = ", ".join(f"{k}={v}" for k, v in r.chosen.items()) or "-"
+    if r.at_edge:
+      chosen += " (grid edge)"
     cells = [str(r.results[s]) if s in r.results else "-" for s in splits]
     rows.append(f"| {r.method} | {chosen} | " + " | ".join(cells) + " |")
   ceil = [str(reports[0].ceilings[s]) if s in reports[0].ceilings else "-" for s in splits]

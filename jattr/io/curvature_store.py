@@ -1,12 +1,14 @@
 """Fitted curvature on disk: orbax arrays plus a JSON sidecar naming the model they fit.
 
-A curvature (``jattr.curvature``: K-FAC, EK-FAC, the GGN diagonal or the dense GGN
-matrix) is fitted once and used for many influence queries. Layout of ``<dir>/``::
+A curvature (``jattr.curvature``: K-FAC, EK-FAC, the GGN diagonal, the dense GGN
+matrix, the sketched GGN or the low-rank GGN) is fitted once and used for many
+influence queries. Layout of ``<dir>/``::
 
     state/           an orbax checkpoint of the state's arrays, as a nested dict
                      (``blocks/<j>/a``, ``blocks/<j>/g_eigvecs``, ``diag/…``, ``eigvals``/``eigvecs``)
-    curvature.json   the sidecar: format, version, the K-FAC block layout (static
-                     structure the arrays do not carry) and ``meta``
+    curvature.json   the sidecar: format, version, the K-FAC block layout or the
+                     sketch's projection (static structure the arrays do not carry)
+                     and ``meta``
 
 ``meta`` is the caller's JSON-able description plus ``kind`` and ``num_parameters``,
 which ``save_curvature`` fills in. It must contain ``model_hash``, the sha256 of the
@@ -37,6 +39,7 @@ is reported as incomplete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -52,6 +55,9 @@ from jattr.curvature.diagonal import DiagonalState
 from jattr.curvature.ekfac import EkfacBlock, EkfacState
 from jattr.curvature.inverse_vp import CURVATURE_KINDS, curvature_kind
 from jattr.curvature.kfac import BlockLayout, DiagBlock, KfacState, KronBlock
+from jattr.curvature.low_rank import LowRankState
+from jattr.curvature.sketch import SketchState
+from jattr.features.projection import ProjectionConfig
 from jattr.io import atomic
 from jattr.io.hashing import model_hash as hash_params
 from jattr.io.hashing import selection_mismatch
@@ -87,6 +93,8 @@ def _to_tree(state: Any, kind: str) -> dict:
     return {"blocks": blocks}
   if kind == "diagonal":
     return {"diag": state.diag}
+  if kind == "low_rank":
+    return dict(state._asdict())
   return {"eigvals": state.eigvals, "eigvecs": state.eigvecs}
 
 
@@ -101,7 +109,8 @@ def _layout_from_json(doc: list) -> tuple:
   return tuple(BlockLayout(**{k: tup(v) for k, v in d.items()}) for d in doc)
 
 
-def _from_tree(tree: dict, kind: str, layout: tuple | None, params: Any):
+def _from_tree(tree: dict, kind: str, layout: tuple | None, params: Any,
+               projection: dict | None = None, num_parameters: int | None = None):
   """Inverse of ``_to_tree``: the typed state from the restored nested dict."""
   if kind in ("kfac", "ekfac"):
     block_cls = KronBlock if kind == "kfac" else EkfacBlock
@@ -125,6 +134,11 @@ def _from_tree(tree: dict, kind: str, layout: tuple | None, params: Any):
                          f"{[np.shape(x) for x in jax.tree.leaves(params)][:5]} (first 5)")
       diag = jax.tree.unflatten(jax.tree.structure(params), leaves)
     return DiagonalState(diag)
+  if kind == "low_rank":
+    return LowRankState(**{f: tree[f] for f in ("eigvals", "eigvecs", "rest", "trace")})
+  if kind == "sketch":
+    return SketchState(tree["eigvals"], tree["eigvecs"], ProjectionConfig(**projection),
+                       int(num_parameters))
   return DenseState(tree["eigvals"], tree["eigvecs"])
 
 
@@ -141,7 +155,8 @@ def save_curvature(path: str | os.PathLike, state: Any, meta: dict, *,
   Args:
     path: the directory (created; may exist, but must not hold a curvature unless
       ``overwrite``).
-    state: a ``KfacState``, ``EkfacState``, ``DiagonalState`` or ``DenseState``.
+    state: a ``KfacState``, ``EkfacState``, ``DiagonalState``, ``DenseState`` or
+      ``SketchState``.
     meta: a JSON-able dict describing the fit. Must contain ``model_hash`` (64 hex
       characters); ``kind`` and ``num_parameters`` are filled in (a ``kind`` that
       disagrees with the state raises).
@@ -184,6 +199,8 @@ def _save(p: pathlib.Path, state: Any, kind: str, meta: dict, overwrite: bool) -
     ckpt.wait_until_finished()
   sidecar = {"format": FORMAT, "version": VERSION, "meta": meta,
              "layout": _layout_to_json(state.layout) if kind in ("kfac", "ekfac") else None}
+  if kind == "sketch":  # P is regenerated from its config: only the config is stored
+    sidecar["projection"] = dataclasses.asdict(state.projection)
   atomic.write_json(p / SIDECAR, sidecar)
   return p
 
@@ -266,4 +283,5 @@ def load_curvature(path: str | os.PathLike, params: Any = None, *, model_hash: s
   layout = _layout_from_json(doc["layout"]) if doc["layout"] is not None else None
   with ocp.StandardCheckpointer() as ckpt:
     tree = ckpt.restore(pathlib.Path(path).absolute() / STATE)
-  return _from_tree(tree, meta["kind"], layout, params if selected is None else selected), meta
+  return _from_tree(tree, meta["kind"], layout, params if selected is None else selected,
+                    doc.get("projection"), meta.get("num_parameters")), meta

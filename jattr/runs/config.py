@@ -33,6 +33,9 @@ QUERIES = ("samples", "test", "train")
 """What a run's workflows can attribute or featurize: its generated ``samples.npz``,
 held-out real images (``test``) or its own training images."""
 ATTRIBUTION_MEASUREMENTS = tuple(m for m in MEASUREMENTS if m != "loss_at_time")
+ATTRIBUTION_METHODS = ("sketch_ggn", "trak")
+SKETCH_NONZEROS = 4
+"""Non-zeros per row of the sketch's sparse projection (the digits benchmark's)."""
 """Output functions ``AttributionConfig`` takes (``loss_at_time`` needs a time it has
 no field for; ``jattr featurize --measurement loss_at_time --time T`` does)."""
 
@@ -42,7 +45,15 @@ class AttributionConfig:
   """How ``jattr run`` / ``attribute_run`` attributes the generated samples.
 
   Attributes:
-    measurement: the output function f (``jattr.diffusion.measurements``);
+    method: ``"sketch_ggn"`` (the default): influence with the sketched GGN
+      (``jattr.curvature.fit_sketched_ggn``), τ = φ_qᵀ(G_k + λI)⁻¹φ_i on features
+      φ = Pᵀ∇ℓ of the loss (both sides), P sparse (4 non-zeros per row) to
+      ``sketch_dim``, ``sketch_samples`` rows per (example, draw), λ =
+      ``damping_factor`` × the mean eigenvalue of G_k. ``"trak"``: TRAK / D-TRAK
+      with ``measurement``, the ``proj_*`` projection and ``relative_damping``. A
+      run directory whose config has no ``method`` was made before the sketch
+      existed; it is attributed with the default, the sketch (``jattr attribute``).
+    measurement: TRAK's output function f (``jattr.diffusion.measurements``);
       ``"square_norm"`` is D-TRAK, ``"loss"`` plain TRAK.
     num_draws: K fixed (t, ε) draws f is averaged over.
     timesteps: ``"uniform"`` or ``"random"`` draw timesteps.
@@ -53,7 +64,17 @@ class AttributionConfig:
     proj_seed: seed of the projection.
     proj_nonzeros: s of the ``"sparse"`` projection (k a multiple of s); left out
       of ``config.json`` for the dense kinds.
-    relative_damping: TRAK damping λ as a fraction of the mean eigenvalue of ΦᵀΦ.
+    sketch_dim: k of the sketch.
+    sketch_samples: S of the sketch.
+    sketch_examples: G_k is fitted on a random subset of this many training examples
+      (seed ``draw_seed``; None: all of them), to bound the fit's cost: each example
+      costs K·S backward passes. The features and scores cover every example.
+    damping_factor: the sketch's λ / mean eigenvalue of G_k (None: 0.1, the library
+      default of every curvature).
+    relative_damping: TRAK damping λ as a fraction c of the mean eigenvalue of ΦᵀΦ;
+      ``None`` (the default): the effective-dimension rule of
+      ``jattr.methods.trak.effective_dimension_damping`` (λ at which the kernel's
+      effective dimension is a quarter of its rank).
     chunk_size: examples whose gradients exist at once.
     top_k: training images shown per sample.
     wrt: a regular expression on parameter paths (``jattr.wrt``): attribute with
@@ -62,6 +83,7 @@ class AttributionConfig:
       field existed keep their config.
   """
 
+  method: Literal["sketch_ggn", "trak"] = "sketch_ggn"
   measurement: str = "square_norm"
   num_draws: int = 10
   timesteps: Literal["uniform", "random"] = "uniform"
@@ -70,7 +92,11 @@ class AttributionConfig:
   proj_kind: Literal["rademacher", "gaussian", "sparse"] = "rademacher"
   proj_seed: int = 0
   proj_nonzeros: int = 2
-  relative_damping: float = 1e-3
+  sketch_dim: int = 2048
+  sketch_samples: int = 4
+  sketch_examples: int | None = 512
+  damping_factor: float | None = None
+  relative_damping: float | None = None
   chunk_size: int = 128
   top_k: int = 8
   wrt: str | None = None
@@ -78,9 +104,18 @@ class AttributionConfig:
   def __post_init__(self):
     guard.check_fields(self)
     guard.one_of(self, "measurement", ATTRIBUTION_MEASUREMENTS)
-    for name in ("num_draws", "proj_dim", "chunk_size", "top_k"):
+    guard.one_of(self, "method", ATTRIBUTION_METHODS)
+    for name in ("num_draws", "proj_dim", "chunk_size", "top_k", "sketch_dim", "sketch_samples"):
       guard.at_least(self, name, 1)
-    guard.at_least(self, "relative_damping", 0)
+    guard.at_least(self, "sketch_examples", 1, optional=True)
+    if self.sketch_dim % SKETCH_NONZEROS:
+      raise guard.ConfigError("sketch_dim", f" = {self.sketch_dim}: expected a multiple of "
+                              f"{SKETCH_NONZEROS} (the sketch's sparse projection)",
+                              "AttributionConfig")
+    if self.damping_factor is not None and not self.damping_factor > 0:
+      raise guard.ConfigError("damping_factor", f" = {self.damping_factor}: expected null or "
+                              "a number > 0", "AttributionConfig")
+    guard.at_least(self, "relative_damping", 0, optional=True)
     guard.at_least(self, "proj_nonzeros", 1)
     if self.proj_kind == "sparse" and self.proj_dim % self.proj_nonzeros:
       raise guard.ConfigError("proj_dim", f" = {self.proj_dim}: expected a multiple of "
@@ -93,6 +128,13 @@ class AttributionConfig:
       except re.error as e:
         raise guard.ConfigError("wrt", f" = {guard.show(self.wrt)}: not a regular expression "
                                 f"({e})", "AttributionConfig") from None
+
+
+DEFAULT_ATTRIBUTION = AttributionConfig()
+SKETCH_FIELDS = ("method", "sketch_dim", "sketch_samples", "sketch_examples",
+                 "damping_factor")
+"""Left out of ``config.json`` at their defaults, so run directories made before the
+sketch keep their config."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +217,9 @@ class RunConfig:
     d = json.loads(json.dumps(dataclasses.asdict(self)))
     if d["attribution"].get("wrt") is None:  # the config of runs made before the field
       del d["attribution"]["wrt"]
+    for name in SKETCH_FIELDS:  # at their defaults: the config runs had before the sketch
+      if d["attribution"][name] == getattr(DEFAULT_ATTRIBUTION, name):
+        del d["attribution"][name]
     if d["attribution"]["proj_kind"] != "sparse":  # as before the sparse kind existed
       del d["attribution"]["proj_nonzeros"]
     if d["guidance_scale"] == 1.0:  # as before guidance existed

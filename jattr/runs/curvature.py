@@ -58,9 +58,11 @@ import jax
 import numpy as np
 
 from jattr import __version__ as jattr_version
-from jattr.curvature import (CURVATURE_KINDS, DEFAULT_ESTIMATION_MODE, ESTIMATION_MODES,
-                             MAX_DENSE_PARAMS, WEIGHT_SHARING, check_damping, dense_ggn,
-                             dense_state, fit_diagonal, fit_ekfac, fit_kfac)
+from jattr.curvature import (CURVATURE_KINDS, DEFAULT_ESTIMATION_MODE, DEFAULT_SKETCH_SAMPLES,
+                             ESTIMATION_MODES, MAX_DENSE_PARAMS, WEIGHT_SHARING, check_damping,
+                             dense_ggn, dense_state, fit_diagonal, fit_ekfac, fit_kfac,
+                             fit_low_rank_ggn, fit_sketched_ggn)
+from jattr.features.projection import ProjectionConfig
 from jattr.curvature.dense import check_dense_size
 from jattr.diffusion import conditioning, fixed_draws
 from jattr.diffusion.measurements import MEASUREMENTS
@@ -156,22 +158,26 @@ def dense_ggn_batched(apply_fn, params, schedule, x0, draws, *, batch_size: int 
 def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str = "expand",
                       num_draws: int = 10, timesteps: str = "uniform", draw_seed: int = 0,
                       damping: float | None = None, estimation_mode: str | None = None,
-                      num_samples: int = 1, seed: int = 0, batch_size: int = 64,
+                      num_samples: int | None = None, seed: int = 0, batch_size: int = 64,
                       grad_batch_size: int | None = None, chunk_size: int | None = None,
                       max_dense_params: int = MAX_DENSE_PARAMS, overwrite: bool = False,
-                      progress: Progress | None = None, wrt=None):
+                      progress: Progress | None = None, wrt=None,
+                      projection: ProjectionConfig | None = None, rank: int = 256):
   """Fits a curvature of a run's training loss and saves it (what ``jattr fit-curvature`` does).
 
   Args:
     run_dir: a trained run directory (``jattr.runs``).
     out: the curvature directory to write.
     approx: ``"kfac"``, ``"ekfac"`` (K-FAC's eigenbasis, refitted eigenvalues),
-      ``"diagonal"`` or ``"dense"`` (at most ``max_dense_params`` parameters).
+      ``"diagonal"``, ``"dense"`` (at most ``max_dense_params`` parameters) or
+      ``"sketch"`` (the GGN in the span of ``projection``) or ``"low_rank"`` (the top
+      ``rank`` eigenpairs of G by Lanczos, the rest a scaled identity).
     weight_sharing: K-FAC's ``"expand"`` or ``"reduce"`` (K-FAC and EK-FAC).
     num_draws, timesteps, draw_seed: the K fixed draws (``fixed_draws``).
     damping: the default λ stored with it (None: 0.1 × the mean eigenvalue).
     estimation_mode: ``jattr.curvature.ESTIMATION_MODES`` (None: the default).
-    num_samples, seed: of the sampled modes.
+    num_samples, seed: of the sampled modes (num_samples None: 1, and
+      ``DEFAULT_SKETCH_SAMPLES`` for the sketch).
     batch_size: examples per K-FAC update.
     grad_batch_size: examples per per-example-gradient pass (EK-FAC, diagonal;
       None: the most whose K·num_samples·P gradients fit 1 GiB).
@@ -182,6 +188,9 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
       reports 0/1 when it starts and 1/1 when it ends; the dense fit per batch.
     wrt: the parameters to fit the curvature in (``jattr.wrt`` selector; ``None``:
       all), the others held fixed; recorded in ``meta["wrt"]``.
+    projection: P of ``"sketch"`` (None: a sparse P to k = 4096 with 4 non-zeros per
+      row, seed 0); stored with the curvature.
+    rank: r of ``"low_rank"`` (2r Lanczos iterations, each a pass over the data).
 
   Returns:
     ``(state, meta)`` as saved.
@@ -197,6 +206,8 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
     raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}, got {weight_sharing!r}")
   if timesteps not in ("uniform", "random"):
     raise ValueError(f"timesteps must be 'uniform' or 'random', got {timesteps!r}")
+  if num_samples is None:
+    num_samples = DEFAULT_SKETCH_SAMPLES if approx == "sketch" else 1
   for name, value, optional in (("num_draws", num_draws, False), ("batch_size", batch_size, False),
                                 ("grad_batch_size", grad_batch_size, True),
                                 ("chunk_size", chunk_size, True),
@@ -261,6 +272,22 @@ def fit_run_curvature(run_dir, out, *, approx: str = "kfac", weight_sharing: str
     state = fit_diagonal(apply_fn, params, schedule, x0, draws, batch_size=grad_batch_size,
                          chunk_size=chunk_size, parameterization=param, **sampled)
     jax.block_until_ready(state)
+    report(stage, 1, 1)
+  elif approx == "low_rank":
+    stage = f"fit-curvature: low-rank GGN, r = {rank} (Lanczos), N = {n}, K = {num_draws}"
+    report(stage, 0, 1)
+    state = fit_low_rank_ggn(apply_fn, params, schedule, x0, draws, min(int(rank), p), key=key,
+                             chunk_size=chunk_size or batch_size)
+    report(stage, 1, 1)
+  elif approx == "sketch":
+    if projection is None:
+      projection = ProjectionConfig(dim=4096, kind="sparse", seed=0, nonzeros=4)
+    stage = (f"fit-curvature: sketched GGN, k = {projection.dim}, N = {n}, K = {num_draws}, "
+             f"S = {num_samples}")
+    report(stage, 0, 1)
+    state = fit_sketched_ggn(apply_fn, params, schedule, x0, draws, projection,
+                             batch_size=grad_batch_size, chunk_size=chunk_size or 256,
+                             parameterization=param, **sampled)
     report(stage, 1, 1)
   else:
     g = dense_ggn_batched(apply_fn, params, schedule, x0, draws, progress=progress)

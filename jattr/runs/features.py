@@ -458,7 +458,7 @@ def _read_complete(path, flag: str = "store"):
 
 
 def score_stores(train_store, query_store, method: str = "trak", *,
-                 damping: float | None = None, relative_damping: float = 1e-3,
+                 damping: float | None = None, relative_damping: float | None = None,
                  tile: tuple[int, int] = (1024, 8192)) -> tuple[np.ndarray, dict]:
   """τ [Q, N] from two complete, compatible feature stores (what ``jattr score`` does).
 
@@ -466,7 +466,8 @@ def score_stores(train_store, query_store, method: str = "trak", *,
     train_store, query_store: store directories.
     method: ``"trak"``, ``"grad_dot"`` or ``"grad_cosine"``.
     damping: TRAK's explicit λ (None: the scale-free default).
-    relative_damping: c of the default λ = c·tr(ΦᵀΦ)/k.
+    relative_damping: c of the default λ = c·tr(ΦᵀΦ)/k; None: the effective-dimension
+      rule (``jattr.methods.trak.default_damping``).
     tile: (tile_q, tile_n) of the tiled assembly.
 
   Returns:

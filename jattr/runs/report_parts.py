@@ -23,7 +23,6 @@ from jattr.data import Dataset
 from jattr.eval.spearman import spearman
 from jattr.io.report import write_report
 from jattr.methods import pixel_cosine
-from jattr.methods.trak import DEFAULT_RELATIVE_DAMPING
 from jattr.runs.config import AttributionConfig
 
 LABEL_NAMES = {
@@ -34,10 +33,20 @@ LABEL_NAMES = {
 """Class names of the datasets whose labels are not self-explanatory numbers."""
 RESULTS_DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "results.md"
 """The benchmark table the report links (present in a source checkout)."""
+SKETCH_ROWS = {
+    "default": "sketched GGN (k = 4096, S = 16, K = 10), default λ, untuned",
+    "tuned": "sketched GGN (k = 4096, S = 16, K = 10)",
+    "fashion_default": "sketched GGN, default λ, untuned",
+}
+"""The sketch's rows in results.md: digits (default, tuned) and Fashion-MNIST (default)."""
+FASHION_SECTION = "Fashion-MNIST"
+"""The results.md section of the second benchmark."""
 BENCHMARK_ROWS = {
-    ("square_norm", "default"): "D-TRAK square_norm, library default, untuned",
+    ("square_norm", "default"): "D-TRAK (square_norm, K = 10), default λ, untuned",
     ("square_norm", "tuned"): "D-TRAK (square_norm, K = 10)",
-    ("loss", "default"): "TRAK, library default c = 1e-3, untuned",
+    ("mean", "default"): "D-TRAK (mean, K = 10), default λ, untuned",
+    ("mean", "tuned"): "D-TRAK (mean, K = 10)",
+    ("loss", "default"): "TRAK (f = loss, K = 10), default λ, untuned",
     ("loss", "tuned"): "TRAK (f = loss, K = 10)",
 }
 """(measurement, default | tuned) → the first cell of that method's row in results.md."""
@@ -138,11 +147,14 @@ def damping_header(a: AttributionConfig, damping: float, out_dir: str | os.PathL
   Returns:
     ``(damping detail, notes, links)`` for ``write_report``.
   """
-  default = a.relative_damping == DEFAULT_RELATIVE_DAMPING
-  status = ("the library default, not tuned" if default else
-            "set in the run's config; jattr does not know whether it was tuned")
-  detail = (f"λ = {damping:.3g} = c × mean eigenvalue of ΦᵀΦ with c = {a.relative_damping:g} "
-            f"({status})")
+  default = a.relative_damping is None
+  if default:
+    detail = (f"λ = {damping:.3g}, the library default (not tuned): the λ at which the "
+              f"kernel ΦᵀΦ's effective dimension Σ s/(s + λ) is a quarter of its rank")
+  else:
+    detail = (f"λ = {damping:.3g} = c × mean eigenvalue of ΦᵀΦ with "
+              f"c = {a.relative_damping:g} "
+              "(set in the run's config; jattr does not know whether it was tuned)")
   method = "D-TRAK" if a.measurement != "loss" else "TRAK"
   untuned = benchmark_row(BENCHMARK_ROWS[(a.measurement, "default")]) if (
       a.measurement, "default") in BENCHMARK_ROWS else None
@@ -154,11 +166,11 @@ def damping_header(a: AttributionConfig, damping: float, out_dir: str | os.PathL
     if untuned is not None and tuned is not None:
       gain = (f" On the digits LDS benchmark tuning c on validation queries raised this "
               f"method's LDS on held-out images from {untuned['cells'][2].split()[0]} "
-              f"(default c) to {tuned['cells'][2].split()[0]} ({tuned['cells'][1]}).")
-    notes.append(f"The damping is the untuned library default c = {a.relative_damping:g}; "
-                 f"the scores' order depends on it.{gain} Choose c on held-out queries "
-                 f"(jattr lds, docs/evaluation.md) and set attribution.relative_damping "
-                 f"in the run's config.json.")
+              f"(the default) to {tuned['cells'][2].split()[0]} ({tuned['cells'][1]}).")
+    notes.append(f"The damping is the untuned library default; the scores' order depends "
+                 f"on it.{gain} To tune it, choose c on held-out queries (jattr lds, "
+                 f"docs/evaluation.md) and set attribution.relative_damping in the run's "
+                 f"config.json.")
   links = []
   if untuned is not None:
     links.append((f"This method on the digits benchmark (200 training images, a "
@@ -172,6 +184,39 @@ def damping_header(a: AttributionConfig, damping: float, out_dir: str | os.PathL
                   f"gradient-feature section (no row for the untuned "
                   f"default; the rows there are tuned on validation):",
                   doc_href(out_dir, anchor), "docs/results.md"))
+  return detail, notes, links
+
+
+def sketch_damping_header(a: AttributionConfig, damping: float, out_dir: str | os.PathLike
+                          ) -> tuple[str, list[str], list[tuple[str, str | None, str]]]:
+  """The damping line, the notes and the benchmark links of a sketched-GGN report.
+
+  Returns:
+    ``(damping detail, notes, links)`` for ``write_report``.
+  """
+  factor = 0.1 if a.damping_factor is None else a.damping_factor
+  if a.damping_factor is None:
+    detail = (f"λ = {damping:.3g} = 0.1 × mean eigenvalue of G_k, the library default "
+              f"(not tuned)")
+  else:
+    detail = (f"λ = {damping:.3g} = {factor:g} × mean eigenvalue of G_k (set in the run's "
+              "config; jattr does not know whether it was tuned)")
+  rows = {k: benchmark_row(v) for k, v in SKETCH_ROWS.items()}
+  notes = []
+  if a.damping_factor is None and rows["default"] is not None and rows["tuned"] is not None:
+    notes.append(
+        "The damping is the untuned library default. On the digits LDS benchmark it gave "
+        f"{rows['default']['cells'][2].split()[0]} on held-out images against "
+        f"{rows['tuned']['cells'][2].split()[0]} tuned on validation queries"
+        + (f", and {rows['fashion_default']['cells'][2].split()[0]} on the Fashion-MNIST "
+           "benchmark" if rows["fashion_default"] is not None else "")
+        + "; set attribution.damping_factor in the run's config.json to change it.")
+  links = []
+  if rows["default"] is not None:
+    links.append((f"This method on the digits benchmark (200 training images, a "
+                  f"12,921-parameter UNet): row “{rows['default']['name']}”, "
+                  f"{_lds(rows['default'])}. See", doc_href(out_dir, rows["default"]["anchor"]),
+                  f"docs/results.md, {rows['default']['heading']}"))
   return detail, notes, links
 
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattr import diffusion
+from jattr.curvature.sketch import fit_sketched_ggn, sketch_damping, sketch_scores
 from jattr.diffusion import conditioning
 from jattr.data import Dataset, load_dataset, random_subset, resize
 from jattr.diffusion.latent import LatentSpace, decode_latents, latent_dataset
@@ -56,8 +57,8 @@ from jattr.models.autoencoder import (LATENT_SCALING, AutoencoderConfig, LatentC
 from jattr.models.bridge import null_condition
 from jattr.progress import Progress
 from jattr.progress import resolve as resolve_progress
-from jattr.runs.config import RunConfig, load_config
-from jattr.runs.report_parts import damping_header, write_run_report
+from jattr.runs.config import SKETCH_NONZEROS, RunConfig, load_config
+from jattr.runs.report_parts import damping_header, sketch_damping_header, write_run_report
 from jattr.train import TrainState, init_state, make_optimizer, member_keys, train
 
 
@@ -414,11 +415,14 @@ def _sample_run(run: pathlib.Path, num: int | None, seed: int | None
 
 def attribute_run(run_dir: str | os.PathLike, *, progress: Progress | None = None,
                   wrt: str | None = None) -> str:
-  """Attributes the run's samples to its training images with (D-)TRAK; writes a report.
+  """Attributes the run's samples to its training images; writes a report.
 
   Features are φ = Pᵀ∇_θ f(θ; x) with the run's ``AttributionConfig`` (f, K draws,
-  projection) for every training image and every sample; scores are
-  τ[q, i] = φ_qᵀ(ΦᵀΦ + λI)⁻¹φ_i (``jattr.methods.trak``). The report
+  projection) for every training image and every sample. With ``method =
+  "sketch_ggn"`` (the default) f is the loss, P sparse, and the scores are
+  τ[q, i] = φ_qᵀ(G_k + λI)⁻¹φ_i with G_k = PᵀGP the sketched GGN of the training loss
+  (``jattr.curvature.fit_sketched_ggn``, λ = 0.1 × its mean eigenvalue by default);
+  with ``"trak"`` they are τ[q, i] = φ_qᵀ(ΦᵀΦ + λI)⁻¹φ_i (``jattr.methods.trak``). The report
   (``jattr.runs.write_run_report``, docs/report.md) shows each sample's proponents,
   opponents and pixel neighbours, the damping and the method's benchmark row. In a
   latent run the features are those of the training latents and of the sampled
@@ -452,14 +456,20 @@ def attribute_run(run_dir: str | os.PathLike, *, progress: Progress | None = Non
   ds, idx = training_data(cfg)
   draws = diffusion.fixed_draws(jax.random.key(a.draw_seed), a.num_draws, cfg.model.image_shape,
                                 cfg.num_timesteps, a.timesteps)
-  f = measurement_fn(a.measurement, apply_fn, cfg.noise_schedule, draws,
+  sketch = a.method == "sketch_ggn"
+  measurement = "loss" if sketch else a.measurement
+  f = measurement_fn(measurement, apply_fn, cfg.noise_schedule, draws,
                      parameterization=cfg.train.parameterization)
-  proj = ProjectionConfig(a.proj_dim, a.proj_kind, a.proj_seed, nonzeros=a.proj_nonzeros)
+  if sketch:
+    proj = ProjectionConfig(a.sketch_dim, "sparse", a.proj_seed, nonzeros=SKETCH_NONZEROS)
+  else:
+    proj = ProjectionConfig(a.proj_dim, a.proj_kind, a.proj_seed, nonzeros=a.proj_nonzeros)
   out = run / "attribution"
   out.mkdir(exist_ok=True)
+  train_x = run_examples(cfg, ds, space)
   t0 = time.perf_counter()
-  train_feats = _featurize_blocks(f, params, run_examples(cfg, ds, space), proj, a.chunk_size,
-                                  progress, "train", wrt)
+  train_feats = _featurize_blocks(f, params, train_x, proj, a.chunk_size, progress, "train",
+                                  wrt)
   attributed = samples if space is None else sample_z  # what the UNet generated
   queries = attributed if sample_y is None else (attributed, sample_y)  # each under its class
   query_feats = _featurize_blocks(f, params, queries, proj, a.chunk_size, progress, "samples",
@@ -467,24 +477,59 @@ def attribute_run(run_dir: str | os.PathLike, *, progress: Progress | None = Non
   t_feat = time.perf_counter() - t0
   atomic.write_npy(out / "train_features.npy", train_feats)
   t0 = time.perf_counter()
-  state = trak_fit(jnp.asarray(train_feats), relative_damping=a.relative_damping)
-  scores = np.asarray(trak_score(state, jnp.asarray(query_feats)))
+  if sketch:
+    report = resolve_progress(progress)
+    stage = (f"sketched GGN (k = {a.sketch_dim}, {a.sketch_samples} rows per example and "
+             "draw)")
+    report(stage, 0, 1)
+    n = conditioning.count(train_x)
+    fit_idx = np.arange(n)
+    if a.sketch_examples is not None and a.sketch_examples < n:
+      fit_idx = np.sort(np.random.default_rng(a.draw_seed).choice(n, a.sketch_examples,
+                                                                  replace=False))
+    fit_x = jax.tree.map(lambda v: jnp.asarray(np.asarray(v)[fit_idx]), train_x)
+    state = fit_sketched_ggn(apply_fn, params, cfg.noise_schedule, fit_x, draws, proj,
+                             num_samples=a.sketch_samples,
+                             key=jax.random.fold_in(jax.random.key(a.draw_seed), 1),
+                             batch_size=max(1, 16 * a.chunk_size
+                                            // (a.num_draws * a.sketch_samples)),
+                             chunk_size=a.chunk_size,
+                             parameterization=cfg.train.parameterization, wrt=wrt)
+    report(stage, 1, 1)
+    factor = 0.1 if a.damping_factor is None else a.damping_factor
+    lam = float(sketch_damping(state, damping_factor=factor))
+    t_fit = time.perf_counter() - t0
+    scores = np.asarray(sketch_scores(state, jnp.asarray(query_feats), jnp.asarray(train_feats),
+                                      damping_factor=factor))
+    method = "sketched-GGN influence"
+    damping, notes, links = sketch_damping_header(a, lam, out)
+    what = f"{method}, f = loss (both sides)"
+    projection = (f"k = {a.sketch_dim} sparse (seed {a.proj_seed}, s = {SKETCH_NONZEROS}); "
+                  f"G_k from {a.sketch_samples} sampled rows per example and draw of "
+                  f"{len(fit_idx)} of the {n} training examples")
+    timing = f"featurization {t_feat:.1f} s, sketch fit {t_fit:.1f} s"
+  else:
+    state = trak_fit(jnp.asarray(train_feats), relative_damping=a.relative_damping)
+    scores = np.asarray(trak_score(state, jnp.asarray(query_feats)))
+    method = "D-TRAK" if a.measurement != "loss" else "TRAK"
+    damping, notes, links = damping_header(a, float(state.damping), out)
+    what = f"{method}, f = {a.measurement}"
+    projection = (f"k = {a.proj_dim} {a.proj_kind} (seed {a.proj_seed}"
+                  + (f", s = {a.proj_nonzeros})" if a.proj_kind == "sparse" else ")"))
+    timing = f"featurization {t_feat:.1f} s"
   t_score = time.perf_counter() - t0
-  method = "D-TRAK" if a.measurement != "loss" else "TRAK"
-  damping, notes, links = damping_header(a, float(state.damping), out)
   return write_run_report(
       out, samples, scores, ds, idx, query_labels=sample_y, top_k=a.top_k,
       title=f"{method} attribution of {len(samples)} samples ({cfg.dataset})",
-      details={"method": f"{method}, f = {a.measurement}",
+      details={"method": what,
                "draws": f"K = {a.num_draws} ({a.timesteps}, seed {a.draw_seed})",
-               "projection": f"k = {a.proj_dim} {a.proj_kind} (seed {a.proj_seed}"
-                             + (f", s = {a.proj_nonzeros})" if a.proj_kind == "sparse" else ")"),
+               "projection": projection,
                "damping": damping,
                **({} if wrt is None else {"parameters": f"w.r.t. {wrt!r} (jattr.wrt)"}),
                **({} if space is None else {"space": _latent_detail(cfg)}),
                "training images": f"N = {len(ds)} ({cfg.dataset})",
                "queries": f"{len(samples)} generated samples (samples.npz)",
-               "time": f"featurization {t_feat:.1f} s, scoring {t_score:.1f} s"},
+               "time": f"{timing}, scoring {t_score:.1f} s"},
       notes=notes, links=links)
 
 
