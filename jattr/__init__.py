@@ -8,9 +8,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("bench", "cli", "curvature", "data", "diffusion", "eval", "features", "grads",
-                "host_memory", "io", "layer_registry", "layers", "methods", "models", "progress", "runs", "train",
-                "types", "wrt")
+_SUBPACKAGES = ("bench", "cli", "curvature", "data", "devices", "diffusion", "eval", "features",
+                "grads", "host_memory", "io", "layer_registry", "layers", "methods", "models",
+                "progress", "runs", "train", "types", "wrt")
 
 
 def __getattr__(name: str):

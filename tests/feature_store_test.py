@@ -339,3 +339,27 @@ def test_score_with_a_deleted_chunk_exits_2_and_writes_nothing(tmp_path, tiny_ru
                    str(tmp_path / "q"), "--out", str(tmp_path / "tau.npz")])
   assert code == 2 and "chunk 0" in capsys.readouterr().err
   assert not (tmp_path / "tau.npz").exists()
+
+
+def test_cli_featurize_split_over_processes(tmp_path, tiny_run):
+  # 3 samples in one chunk: host 0 of 2 owns no chunk, host 1 owns chunk 0.
+  common = ["--run", str(tiny_run), "--queries", "samples", "--num-draws", "2", "--proj-dim",
+            "8", "--measurement", "loss", "--store-chunk-rows", "3", "--quiet"]
+  out = str(tmp_path / "s")
+  with pytest.raises(ValueError, match="--process-index and --process-count go together"):
+    _cli(["featurize", *common, "--out", out, "--process-index", "1"])
+  with pytest.raises(ValueError, match=r"index in \[0, --process-count 2\)"):
+    _cli(["featurize", *common, "--out", out, "--process-index", "2", "--process-count", "2"])
+  share = ["--process-count", "2", "--process-index"]
+  part = _cli(["featurize", *common, "--out", out, *share, "0"])  # nothing of its own to do
+  assert part.missing_chunks() == [0]
+  with pytest.raises(fs_lib.StoreValidationError,
+                     match=r"process 1 of 2: chunks 0 \(3 rows\) missing; it never ran"):
+    stores.validate_store(out)
+  whole = _cli(["featurize", *common, "--out", out, *share, "1"])  # the last: checks, folds
+  assert whole.complete and not (tmp_path / "s" / "done").exists()
+  assert json.loads((tmp_path / "s" / "store.json").read_text())["complete_chunks"] == [0]
+  again = _cli(["featurize", *common, "--out", out, *share, "1"])  # resumed: nothing left
+  assert json.loads((tmp_path / "s" / "processes" / "1" / "process.json").read_text())[
+      "computed"] == []
+  assert stores.validate_store(out).read().shape == (3, 8) and again.complete

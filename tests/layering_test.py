@@ -24,7 +24,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "jattr"
 
-RANKS = {"types": 0, "progress": 0, "host_memory": 0, "wrt": 0, "layers": 1,
+RANKS = {"types": 0, "progress": 0, "host_memory": 0, "wrt": 0, "devices": 0, "layers": 1,
          "layer_registry": 1, "data": 2, "diffusion": 3,
          "models": 4, "grads": 5, "features": 6, "curvature": 7, "train": 8, "methods": 9,
          "eval": 10, "io": 11, "runs": 12, "bench": 12, "cli": 13, "__main__": 14}

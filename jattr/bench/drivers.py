@@ -8,6 +8,7 @@ Both read an experiment config (JSON; see ``experiments/digits_lds/``):
       "cache_root": "runs/lds_cache",     # where caches live (keyed by the spec hash)
       "data_dir": null,                   # for fashion_mnist / cifar2 (else $JATTR_DATA)
       "strategy": "map", "chunk_size": null, "query_chunk": 64,
+      "devices": null,                    # D: split examples / members over D devices
       "methods": ["random", "pixel_cosine"],
       "variants": {"trak_lora": {"method": "trak", "wrt": "^lora/"}},  # optional
       "bootstrap": {"num_resamples": 10000, "confidence": 0.95, "seed": 0},
@@ -30,6 +31,12 @@ names a method with options, e.g. TRAK w.r.t. the LoRA adapter only (``wrt``, a
 and unlearning method w.r.t. REGEX, reported as ``"NAME[wrt=REGEX]"``
 (``jattr.bench.registry.method_factory``). Neither enters the cache's spec: the
 cache (and its digest) is the same whatever is attributed with respect to what.
+
+``devices`` (an int D, or ``"all"``) runs both drivers on a ``jattr.devices``
+mesh of D devices: the cache's retrained members, featurization, curvature fits,
+scoring and measurements are split over them (docs/devices.md); ``null`` runs on
+one device. The numbers do not depend on D beyond float rounding, so D is not part
+of the cache's spec either.
 """
 
 from __future__ import annotations
@@ -41,10 +48,13 @@ import sys
 import time
 from typing import Any
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattr import devices as jdevices
 from jattr.bench import lds_cache
 from jattr.bench.registry import METHODS, method_factory, scores_file_method
 from jattr.eval.counterfactual import counterfactual as run_removal
@@ -105,6 +115,7 @@ class ExperimentConfig:
   strategy: str = "map"
   chunk_size: int | None = None
   query_chunk: int = 64
+  devices: int | str | None = None
   methods: tuple[str, ...] | None = None
   variants: dict | None = None
   bootstrap: BootstrapConfig = BootstrapConfig()
@@ -116,6 +127,11 @@ class ExperimentConfig:
     guard.one_of(self, "strategy", STRATEGIES)
     guard.at_least(self, "chunk_size", 1, optional=True)
     guard.at_least(self, "query_chunk", 1)
+    if self.devices is not None and self.devices != "all" and (
+        isinstance(self.devices, bool) or not isinstance(self.devices, int)
+        or self.devices < 1):
+      raise guard.ConfigError("devices", f" = {guard.show(self.devices)}: expected a positive "
+                              "int, \"all\" or null", "ExperimentConfig")
     variants = self.variants or {}
     for name, v in variants.items():
       if name in METHODS:
@@ -181,6 +197,24 @@ def _method_list(config: dict, methods, scores: dict | None):
   return names, dict(scores or {})
 
 
+def config_mesh(config: dict):
+  """The mesh of the config's ``devices`` (``None``: one device)."""
+  d = config.get("devices")
+  if d is None:
+    return None
+  return jdevices.data_mesh(None if d == "all" else int(d))
+
+
+def _on_config_mesh(driver):
+  """Runs ``driver(config, ...)`` inside ``jattr.devices.use_mesh(config_mesh(config))``."""
+  @functools.wraps(driver)
+  def run(config: dict, **kwargs):
+    with jdevices.use_mesh(config_mesh(config)):
+      return driver(config, **kwargs)
+  return run
+
+
+@_on_config_mesh
 def run_lds(config: dict, *, methods=None, scores: dict | None = None,
             results_path: str | None = None, progress: Progress | None = None,
             out=None, wrt=None) -> dict:
@@ -310,6 +344,7 @@ def chosen_hparams(path: str | pathlib.Path, method: str, spec_digest: str) -> d
                    f"{[r['method'] for r in record.get('reports', [])]}")
 
 
+@_on_config_mesh
 def run_counterfactual(config: dict, *, method: str | None = None, scores: str | None = None,
                        num_queries: int | None = None, ks=None, random_seed: int | None = None,
                        results_path: str | None = None, progress: Progress | None = None,

@@ -10,7 +10,9 @@
     jattr lds / counterfactual                           the benchmark harness
     jattr report   --scores FILE [--run DIR]             HTML report of any score file
 
-Every command takes ``--help``. A command that fails prints one line,
+Every command takes ``--help``, and ``--devices D`` (or ``all``): run its
+example loops and retraining split over D devices (a ``jax.sharding`` mesh,
+docs/devices.md; the default is one device). A command that fails prints one line,
 ``jattr CMD: error: …`` naming the flag, key or path and what is wrong, and exits
 with status 2; ``jattr --debug CMD …`` (or ``JATTR_DEBUG=1``) adds the traceback.
 """
@@ -21,7 +23,8 @@ import argparse
 import sys
 import traceback
 
-from jattr.cli import curvature, features, lds, mucs, report, run
+from jattr import devices
+from jattr.cli import curvature, features, flags, lds, mucs, report, run
 from jattr.cli.errors import EXPECTED, debug_enabled, message
 
 
@@ -36,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
   for command in sub.choices.values():  # `jattr CMD --debug` works too
     command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="print the traceback of an error (also: JATTR_DEBUG=1)")
+    if not any("--devices" in a.option_strings for a in command._actions):  # noqa: SLF001
+      command.add_argument("--devices", default=None, type=flags.devices_count, metavar="D|all",
+                           help="split the work over D devices (a jax.sharding mesh; "
+                                "docs/devices.md); default: one device")
   return parser
 
 
@@ -50,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
   except SystemExit as e:  # --help, or argparse refused a flag (it printed why)
     return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
   try:
-    args.func(args)
+    d = getattr(args, "devices", None)
+    with devices.use_mesh(None if d is None else devices.data_mesh(None if d == "all" else d)):
+      args.func(args)
   except EXPECTED as e:
     if debug_enabled(args.debug):
       traceback.print_exc()

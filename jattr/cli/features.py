@@ -7,10 +7,22 @@ import time
 
 from jattr.cli import flags
 from jattr.cli.progress import progress_for
-from jattr.features.projection import PROJECTION_KINDS
+from jattr.features.projection import GRAD_DTYPES, PROJECTION_KINDS
 from jattr.io import guard
+from jattr.io.feature_store import DTYPE, DTYPES
 from jattr.runs import SCORE_METHODS, SPEC_DEFAULTS, featurize_run, score_stores, write_scores
 from jattr.runs import features as workflow
+
+
+def _processes(args) -> dict:
+  """``featurize_run``'s process_index / process_count from the flags."""
+  if (args.process_index is None) != (args.process_count is None):
+    raise ValueError("--process-index and --process-count go together (this process's share "
+                     "of the store: index p of P)")
+  if args.process_index is not None and args.process_index >= args.process_count:
+    raise ValueError(f"--process-index {args.process_index}: expected an index in [0, "
+                     f"--process-count {args.process_count})")
+  return {"process_index": args.process_index, "process_count": args.process_count}
 
 
 def cmd_featurize(args):
@@ -18,10 +30,14 @@ def cmd_featurize(args):
   spec = {k: getattr(args, k) for k in SPEC_DEFAULTS}
   store = featurize_run(args.run, args.out, queries=args.queries, like=args.like,
                         chunk_size=args.chunk_size, store_chunk_rows=args.store_chunk_rows,
-                        progress=progress_for(args), **spec)
+                        store_dtype=args.store_dtype, progress=progress_for(args),
+                        wait_s=args.wait, **_processes(args), **spec)
   c = store.config
+  share = ("" if store.complete else f"; {len(store.completed_chunks())} of "
+           f"{store.num_chunks} chunks complete, the others' processes still to run")
   print(f"{store.num_rows} {args.queries} features (k={store.dim}, f={c['measurement']['name']}, "
-        f"K={c['draws']['num_draws']}) in {store.path} ({time.perf_counter() - t0:.0f} s)")
+        f"K={c['draws']['num_draws']}) in {store.path}{share} "
+        f"({time.perf_counter() - t0:.0f} s)")
   return store
 
 
@@ -57,6 +73,10 @@ def add_parsers(sub) -> None:
                       "must be a multiple)")
   p.add_argument("--block-size", type=flags.positive_int,
                  help="rows of P regenerated at a time (default: 1024)")
+  p.add_argument("--grad-dtype", choices=GRAD_DTYPES,
+                 help="compute the per-example gradients with the model in this dtype "
+                      "(projected in float32; recorded in the store's projection; default: "
+                      "the model's own)")
   flags.wrt(p, help=flags.WRT_HELP.replace("(jattr.wrt;", "(jattr.wrt; with --like: the "
                                            "train store's;"))
   p.add_argument("--chunk-size", type=flags.positive_int,
@@ -64,6 +84,20 @@ def add_parsers(sub) -> None:
                       "1 GiB, at most --store-chunk-rows)")
   p.add_argument("--store-chunk-rows", type=flags.positive_int, default=256,
                  help="rows per store chunk, the unit of resumption (default: %(default)s)")
+  p.add_argument("--store-dtype", choices=DTYPES, default=DTYPE,
+                 help="what the store keeps on disk (bfloat16: half the space, read back as "
+                      "float32; default: %(default)s)")
+  p.add_argument("--process-index", type=flags.nonneg_int,
+                 help="with --process-count P: this host's share of a store that P hosts "
+                      "featurize together, each running the same command with its own "
+                      "index p in [0, P) (docs/devices.md)")
+  p.add_argument("--process-count", type=flags.positive_int,
+                 help="P, the number of hosts featurizing the store (default: 1)")
+  p.add_argument("--wait", type=flags.nonneg_float,
+                 help="seconds a host waits, after its share, for the other hosts' chunks "
+                      "(each new chunk restarts the clock; then it names the missing ones "
+                      "and exits 2; default: 0, return at once: the last host to finish "
+                      "checks and folds the store)")
   flags.quiet(p)
   p.set_defaults(func=cmd_featurize)
 

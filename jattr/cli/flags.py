@@ -173,11 +173,21 @@ def run_config(p: argparse.ArgumentParser, default_out: str = DEFAULT_RUN) -> No
   quiet(p)
 
 
+def devices_count(s: str):
+  """``"all"`` or a positive int (argparse type of ``--devices``)."""
+  if s == "all":
+    return s
+  return positive_int(s)
+
+
 def experiment_config(p: argparse.ArgumentParser) -> None:
   """The flags of ``jattr lds`` / ``jattr counterfactual``."""
   p.add_argument("--config", required=True, help="experiment config (JSON)")
   p.add_argument("--cache-root", default=None, help="override the config's cache_root")
   p.add_argument("--data-dir", default=None, help="override the config's data_dir")
+  p.add_argument("--devices", default=None, type=devices_count, metavar="D|all",
+                 help="override the config's devices: split the work over D devices (a "
+                      "jax.sharding mesh; docs/devices.md)")
   p.add_argument("--results", default=None, help="where to write the JSON record")
   p.add_argument("--no-progress", action="store_true", help="hide progress bars")
   wrt(p, help="score every gradient and curvature method with respect to the parameters "

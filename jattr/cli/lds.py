@@ -30,7 +30,7 @@ def _config(args) -> dict:
   not be a directory; ``--scores`` files must exist.
   """
   config = with_overrides(load_config(args.config), cache_root=args.cache_root,
-                          data_dir=args.data_dir)
+                          data_dir=args.data_dir, devices=args.devices)
   flag = "--cache-root" if args.cache_root else f"cache_root of {args.config}"
   guard.check_writable(config.get("cache_root", "runs/lds_cache"), flag)
   results = args.results or config.get("results")

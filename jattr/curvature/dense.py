@@ -38,9 +38,9 @@ from jattr.curvature.ggn import (_outputs, check_damping, check_examples, exampl
                                  training_loss)
 from jattr.diffusion import conditioning
 from jattr.diffusion.draws import Draws
+from jattr.grads.per_example import sum_chunks
 from jattr.diffusion.schedules import Schedule
 from jattr.progress import Progress
-from jattr.progress import resolve as resolve_progress
 from jattr.types import ApplyFn, Parameterization, Params
 from jattr.wrt import Selector, restrict
 
@@ -119,7 +119,7 @@ def dense_state_inverse_vp(state: DenseState, v: Params, damping: float | None =
 
 def dense_ggn(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: Draws, *,
               batch_size: int | None = None, progress: Progress | None = None,
-              wrt: Selector = None):
+              wrt: Selector = None, mesh=None):
   """G as a dense [P, P] matrix, 2/(D N K) Σ_{i,k} J_ikᵀ J_ik (small models only).
 
   Rows and columns follow ``ravel_pytree(params)``. Run under float64 for a
@@ -134,6 +134,9 @@ def dense_ggn(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
     batch_size: examples per batch (None: all N at once).
     progress: called after each batch (``jattr.progress``).
     wrt: the parameters θ_S of G (module docstring; ``None``: all).
+    mesh: a ``jax.sharding.Mesh``: the examples split over its ``"data"`` axis,
+      one partial sum per device, added at the end (``jattr.devices``); ``None``:
+      ``jattr.devices.current_mesh()``.
 
   Returns:
     G, shape [P, P] (P = P_S with ``wrt``).
@@ -149,23 +152,22 @@ def dense_ggn(apply_fn: ApplyFn, params: Params, schedule: Schedule, x0, draws: 
     return jacobian(lambda f: _outputs(apply_fn, unravel(f), schedule, one, t[None],
                                        eps[None]).reshape(-1))(flat)
 
-  @jax.jit
-  def ggn_sum(flat, xb, tb, eb):  # Σ over the batch's pairs of J_ikᵀ J_ik
-    jac = jax.vmap(pair_jacobian, (None, 0, 0, 0))(flat, xb, tb, eb).reshape(-1, flat.size)
+  k = draws.num_draws
+
+  def ggn_sum(args, xb, mask):  # Σ over the chunk's unmasked pairs of J_ikᵀ J_ik
+    flat, draws = args
+    jac = jax.vmap(pair_jacobian, (None, 0, 0, 0))(flat, *example_draw_pairs(xb, draws))
+    jac = jac * jnp.repeat(mask, k).astype(jac.dtype)[:, None, None]
+    jac = jac.reshape(-1, flat.size)
     return jac.T @ jac
 
   n = conditioning.count(x0)
   batch = n if batch_size is None else int(batch_size)
   if batch < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  report = resolve_progress(progress)
-  total = None
-  for start in range(0, n, batch):
-    part = ggn_sum(flat, *example_draw_pairs(conditioning.rows(x0, start, start + batch), draws))
-    total = part if total is None else total + part
-    jax.block_until_ready(total)
-    host_memory.release_free_memory()
-    report("dense GGN", min(start + batch, n), n)
+  total = sum_chunks(ggn_sum, (flat, draws), x0, chunk_size=batch, progress=progress,
+                     desc="dense GGN", mesh=mesh)
+  host_memory.release_free_memory()
   return (2.0 / (dim * n * draws.num_draws)) * total
 
 

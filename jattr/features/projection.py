@@ -36,6 +36,14 @@ caller's ``jit`` they run with ``lax.map``. The price of chunking is regeneratin
 once per chunk (P·k random numbers), so use chunks of at least a few dozen examples. Matmuls run at JAX's default precision; set
 ``jax_default_matmul_precision`` to ``"highest"`` to exclude TF32 on GPUs (its
 ≈1e-3 relative error is far below the JL error ≈ 1/√k).
+
+bf16 gradients. ``ProjectionConfig(grad_dtype="bfloat16")`` computes each per-example
+gradient with the parameters (frozen ones included) and the example's float leaves
+cast to bfloat16, so the model's forward and backward passes run in bf16; the
+gradient (bf16 values) is cast back to each parameter's own dtype and projected
+there (float32 for a float32 model: P is the same P, and the projection's sums are
+not rounded to bf16). Only the functions that take gradients from a config
+(``project_grads_fn``, ``featurize``) read it; ``project`` projects what it is given.
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ from jattr.wrt import Selector, restrict
 DENSE_KINDS = ("gaussian", "rademacher")
 """The kinds with a dense P (``random_matrix``; the structured projection's too)."""
 PROJECTION_KINDS = DENSE_KINDS + ("sparse",)
+GRAD_DTYPES = ("bfloat16",)
+"""The low precisions ``ProjectionConfig.grad_dtype`` may name (``None``: the model's own)."""
 _SCATTER_ROWS = 8192
 """Rows of P scattered per step of the sparse projection (whole blocks of it)."""
 
@@ -73,6 +83,12 @@ class ProjectionConfig:
       block_size × nonzeros (sparse).
     nonzeros: s, the non-zeros per row of a ``"sparse"`` P; k must be a multiple of
       s. Ignored by the dense kinds (and left out of their ``projection_spec``).
+    grad_dtype: ``None`` (the gradients in the parameters' dtype, as always) or
+      ``"bfloat16"`` (``jnp.bfloat16`` is accepted and stored as its name): the
+      per-example gradients of ``project_grads_fn`` / ``featurize`` are computed with
+      params and examples cast to bf16, then projected in the parameters' dtype
+      (module docstring). Left out of ``projection_spec`` when ``None``, so stores
+      made before the option read as ``None`` and a bf16 store never matches one.
   """
 
   dim: int
@@ -80,8 +96,18 @@ class ProjectionConfig:
   seed: int = 0
   block_size: int = 1024
   nonzeros: int = 2
+  grad_dtype: str | None = None
 
   def __post_init__(self):
+    if self.grad_dtype is not None:
+      try:
+        name = jnp.dtype(self.grad_dtype).name
+      except TypeError:
+        name = repr(self.grad_dtype)
+      if name not in GRAD_DTYPES:
+        raise ValueError(f"ProjectionConfig.grad_dtype must be None (the parameters' dtype) "
+                         f"or one of {GRAD_DTYPES}, got {self.grad_dtype!r}")
+      object.__setattr__(self, "grad_dtype", name)  # the name: hashable, JSON-able
     if int(self.dim) < 1:
       raise ValueError(f"ProjectionConfig.dim must be >= 1, got {self.dim}")
     if self.kind not in PROJECTION_KINDS:
@@ -240,11 +266,44 @@ def _project_sparse(config: ProjectionConfig, grads_t: jax.Array) -> jax.Array:
   return acc_t
 
 
+def _cast_floats(tree, dtype):
+  """``tree`` with its floating leaves cast to ``dtype`` (integer labels etc. kept)."""
+  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a),
+                                                                   jnp.floating) else a, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class InDtype:
+  """``fn(params, example)`` evaluated on params and example cast to ``dtype``.
+
+  Differentiated with respect to the uncast params, the gradient comes back in the
+  params' dtype holding the ``dtype`` gradient's values (the cast's transpose casts
+  the cotangent back), so the model's forward and backward passes run in ``dtype``.
+  Hashable (a ``jax.jit`` static argument) when ``fn`` is.
+  """
+
+  fn: ExampleFn
+  dtype: str
+
+  def __call__(self, params, example):
+    return self.fn(_cast_floats(params, self.dtype), _cast_floats(example, self.dtype))
+
+
+def in_grad_dtype(fn: ExampleFn, config: ProjectionConfig) -> ExampleFn:
+  """``fn`` run in ``config.grad_dtype`` (``InDtype``), or ``fn`` itself for ``None``."""
+  if config.grad_dtype is None or (isinstance(fn, InDtype) and fn.dtype == config.grad_dtype):
+    return fn
+  return InDtype(fn, config.grad_dtype)
+
+
 def project_grads_fn(fn: ExampleFn, config: ProjectionConfig
                      ) -> Callable[[Params, Any], jax.Array]:
   """Fuses per-example gradients and projection for one chunk of examples.
 
       φ_i = Pᵀ ∇_θ fn(θ; z_i)
+
+  With ``config.grad_dtype`` set, ∇_θ fn is computed with θ and z_i cast to that
+  dtype (``InDtype``) and projected in θ's dtype.
 
   Args:
     fn: ``fn(params, example) -> scalar``, for ONE example.
@@ -253,6 +312,7 @@ def project_grads_fn(fn: ExampleFn, config: ProjectionConfig
   Returns:
     ``features(params, examples [C, ...]) -> [C, k]``.
   """
+  fn = in_grad_dtype(fn, config)
   if config.kind == "sparse":  # the gradients made as Gᵀ [P, C]: no transpose of G
     batch_grad_t = jax.vmap(jax.grad(fn), in_axes=(None, 0), out_axes=-1)
 
@@ -297,7 +357,7 @@ class _FeatureRows:
 
 def featurize(fn: ExampleFn, params: Params, examples, config: ProjectionConfig, *,
               chunk_size: int | None = None, progress: Progress | None = None,
-              wrt: Selector = None) -> jax.Array:
+              wrt: Selector = None, mesh=None) -> jax.Array:
   """Projected per-example gradients Φ = [Pᵀ ∇_θ fn(θ; z_i)]_i, chunk by chunk.
 
   With ``wrt`` the gradient is that of the selected leaves θ_S only, the others held
@@ -318,15 +378,21 @@ def featurize(fn: ExampleFn, params: Params, examples, config: ProjectionConfig,
     chunk_size: examples whose gradients exist at once; ``None`` = all N.
     progress: called after each chunk with examples done (``jattr.progress``).
     wrt: the leaves to differentiate (``None``: all; see ``jattr.wrt``).
+    mesh: a ``jax.sharding.Mesh``: the examples split over its ``"data"`` axis,
+      each device featurizing its block, chunk_size at a time (``jattr.devices``);
+      ``None``: ``jattr.devices.current_mesh()`` (none set: one device).
 
   Returns:
-    Φ, shape [N, k].
+    Φ, shape [N, k], in the dtype of ``params`` (with ``config.grad_dtype``
+    ``"bfloat16"`` too: only the gradients are computed in bf16).
 
   Raises:
     ValueError: ``params`` (frozen leaves included) hold NaN or inf (eager calls),
       or ``wrt`` selects no leaf.
   """
   check_finite_params(params)
+  if wrt is not None:  # the frozen leaves in grad_dtype too (cast inside the kernel)
+    fn = in_grad_dtype(fn, config)
   fn, params = restrict(fn, params, wrt)
   return apply_chunks(_FeatureRows(fn, config), params, examples, chunk_size=chunk_size,
-                      progress=progress, desc="featurize")
+                      progress=progress, desc="featurize", mesh=mesh)

@@ -43,6 +43,9 @@ try:  # jax >= 0.10 (jax.core's copy, and jax.core.trace_ctx, are deprecated the
 except ImportError:  # jax 0.9
   from jax.core import find_top_trace as _current_trace
 
+from jax.sharding import PartitionSpec
+
+from jattr import devices
 from jattr.diffusion.checks import count_nonfinite  # noqa: F401  (re-exported)
 from jattr.progress import Progress
 from jattr.progress import resolve as resolve_progress
@@ -225,8 +228,109 @@ def _chunk_struct(examples, c: int):
                                      weak_type=bool(getattr(x, "weak_type", False))), examples)
 
 
+
+# -- Data-parallel chunk loops (``jattr.devices``) ----------------------------------
+#
+# The same host loops on a mesh: device d owns the example block [d·B, (d + 1)·B)
+# and runs the single-device step on it, inside one ``shard_map`` program (only the
+# "data" axis manual, so parameters sharded over "model" stay XLA's to partition).
+
+
+def _shard_map(body, mesh, in_specs, out_specs):
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       axis_names=frozenset({devices.DATA}), check_vma=False)
+
+
+_ROWS = PartitionSpec(devices.DATA)
+_ALL = PartitionSpec()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
+def _map_step_sharded(kernel, size, mesh, out, args, examples, start):
+  def body(out, args, examples, start):
+    rows = kernel(args, _slice(examples, start, size))
+    out = jax.tree_util.tree_map(
+        lambda o, r: jax.lax.dynamic_update_slice_in_dim(o, r.astype(o.dtype), start, 0),
+        out, rows)
+    return out, _token(rows)
+  return _shard_map(body, mesh, (_ROWS, _ALL, _ROWS, _ALL), (_ROWS, _ROWS))(
+      out, args, examples, start)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=5)
+def _sum_step_sharded(kernel, size, mesh, block, n, total, args, examples, start, first):
+  def body(total, args, examples, start, first):
+    local = start + jnp.arange(size)
+    row = jax.lax.axis_index(devices.DATA) * block + local
+    part = kernel(args, _slice(examples, start, size), (local >= first) & (row < n))
+    total = jax.tree_util.tree_map(lambda t, q: t + q.astype(t.dtype)[None], total, part)
+    return total, _token(part)
+  return _shard_map(body, mesh, (_ROWS, _ALL, _ROWS, _ALL, _ALL), (_ROWS, _ROWS))(
+      total, args, examples, start, first)
+
+
+@jax.jit
+def _reduce_partials(total, init):
+  """Σ over devices of the per-device partial totals (an all-reduce), plus init."""
+  return jax.tree_util.tree_map(lambda t, i: i + jnp.sum(t, axis=0).astype(i.dtype), total, init)
+
+
+def _sharded_zeros(structs, lead: int, mesh):
+  """Zeros shaped like ``structs`` with leading axis ``lead``, split over "data"."""
+  split = devices.split_rows(mesh)
+  return jax.tree_util.tree_map(
+      lambda r: jnp.zeros((lead,) + tuple(r.shape[1:]), r.dtype, device=split), structs)
+
+
+def _place(args, examples, n, mesh):
+  """Parameters replicated, examples padded to D·B rows and split into D blocks."""
+  d = devices.data_size(mesh)
+  examples, block = devices.pad_rows(examples, n, d)
+  return devices.put_args(args, mesh), devices.put(examples, devices.split_rows(mesh)), block
+
+
+def _loop_sharded(kernel, args, examples, n, c, mesh, report, desc):
+  d = devices.data_size(mesh)
+  args, examples, block = _place(args, examples, n, mesh)
+  c = min(c, block)
+  local = _chunk_struct(jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((block,) + x.shape[1:], x.dtype), examples), c)
+  rows = _call_jit.eval_shape(kernel, args, local)
+  for r in jax.tree_util.tree_leaves(rows):
+    if not r.shape or r.shape[0] != c:
+      raise ValueError(f"kernel must return rows with leading axis chunk_size={c}, got shape "
+                       f"{r.shape}")
+  out = _sharded_zeros(rows, d * block, mesh)
+  out = _run_loop(_map_step_sharded, out, (kernel, c, mesh), args, examples, block, c,
+                  _per_device(report, n, d), desc, with_first=False)
+  out = jax.tree_util.tree_map(lambda x: x[:n], out) if d * block != n else out
+  return devices.to_host_device(out, mesh)
+
+
+def _sum_sharded(kernel, args, examples, n, c, init, mesh, report, desc):
+  d = devices.data_size(mesh)
+  args, examples, block = _place(args, examples, n, mesh)
+  c = min(c, block)
+  local = _chunk_struct(jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((block,) + x.shape[1:], x.dtype), examples), c)
+  part = _call_masked_jit.eval_shape(kernel, args, local, jax.ShapeDtypeStruct((c,), jnp.bool_))
+  partials = _sharded_zeros(jax.tree_util.tree_map(
+      lambda r: jax.ShapeDtypeStruct((1,) + tuple(r.shape), r.dtype), part), d, mesh)
+  partials = _run_loop(_sum_step_sharded, partials, (kernel, c, mesh, block, n), args, examples,
+                       block, c, _per_device(report, n, d), desc, with_first=True)
+  if init is None:
+    init = jax.tree_util.tree_map(lambda r: jnp.zeros(r.shape, r.dtype), part)
+  init = devices.put_args(init, mesh)
+  return devices.to_host_device(_reduce_partials(partials, init), mesh)
+
+
+def _per_device(report, n, d):
+  """Progress in examples of all devices: each device has done ``done`` of its block."""
+  return lambda desc, done, block: report(desc, n if done >= block else min(n, done * d), n)
+
+
 def loop_chunks(kernel: Callable[[Any, Any], Any], args, examples, *, chunk_size: int,
-                progress: Progress | None = None, desc: str = "chunks"):
+                progress: Progress | None = None, desc: str = "chunks", mesh=None):
   """``kernel(args, chunk)`` for every chunk of ``examples``, from a host loop.
 
   One compiled program computes one chunk: it slices rows [s, s + C) out of
@@ -253,12 +357,19 @@ def loop_chunks(kernel: Callable[[Any, Any], Any], args, examples, *, chunk_size
     chunk_size: C ≥ 1 (C ≥ N runs one chunk of N).
     progress: called after each chunk with examples done (``jattr.progress``).
     desc: the stage name passed to ``progress``.
+    mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis of D devices; ``None``:
+      ``jattr.devices.current_mesh()`` (none set: one device). On a mesh, device d
+      runs the loop over its block of ⌈N/D⌉ examples, C at a time, all devices at
+      once (``jattr.devices``); the rows come back on one device.
 
   Returns:
     The kernel's rows for all N examples, leading axis N.
   """
   n = num_examples(examples)
   c = min(check_chunk_size(chunk_size), n)
+  mesh = devices.current_mesh(mesh)
+  if mesh is not None:
+    return _loop_sharded(kernel, args, examples, n, c, mesh, resolve_progress(progress), desc)
   args, examples = jax.device_put((args, examples))
   rows = _call_jit.eval_shape(kernel, args, _chunk_struct(examples, c))
   for r in jax.tree_util.tree_leaves(rows):
@@ -272,7 +383,7 @@ def loop_chunks(kernel: Callable[[Any, Any], Any], args, examples, *, chunk_size
 
 def sum_chunks(kernel: Callable[[Any, Any, jax.Array], Any], args, examples, *,
                chunk_size: int, init=None, progress: Progress | None = None,
-               desc: str = "chunks"):
+               desc: str = "chunks", mesh=None):
   """Σ over chunks of ``kernel(args, chunk, mask)``, from a host loop.
 
   The reduction counterpart of ``loop_chunks`` (same program structure, one compile,
@@ -286,12 +397,18 @@ def sum_chunks(kernel: Callable[[Any, Any, jax.Array], Any], args, examples, *,
     args, examples, chunk_size, progress, desc: as in ``loop_chunks``.
     init: a total to add to (donated: not usable after the call), shaped like the
       kernel's output; ``None`` starts from zeros.
+    mesh: as in ``loop_chunks``. On a mesh each device sums its own block into a
+      partial total; the D partials are added (an all-reduce) once, at the end.
 
   Returns:
     The total, shaped like the kernel's output.
   """
   n = num_examples(examples)
   c = min(check_chunk_size(chunk_size), n)
+  mesh = devices.current_mesh(mesh)
+  if mesh is not None:
+    return _sum_sharded(kernel, args, examples, n, c, init, mesh, resolve_progress(progress),
+                        desc)
   args, examples = jax.device_put((args, examples))
   if init is None:
     part = _call_masked_jit.eval_shape(kernel, args, _chunk_struct(examples, c),
@@ -303,7 +420,7 @@ def sum_chunks(kernel: Callable[[Any, Any, jax.Array], Any], args, examples, *,
 
 def apply_chunks(kernel: Callable[[Any, Any], Any], args, examples, *,
                  chunk_size: int | None = None, progress: Progress | None = None,
-                 desc: str = "chunks"):
+                 desc: str = "chunks", mesh=None):
   """``kernel(args, chunk)`` over all examples, chunk by chunk: the dispatcher.
 
   - called eagerly with chunk_size < N: ``loop_chunks`` (host loop, one compiled
@@ -311,7 +428,9 @@ def apply_chunks(kernel: Callable[[Any, Any], Any], args, examples, *,
   - called eagerly with ``chunk_size=None`` or ≥ N: one jitted call on all N
     (progress called once, when it is done);
   - called under a transformation (``in_trace``): ``map_chunks`` (``lax.map``
-    inside the caller's program; no progress).
+    inside the caller's program; no progress);
+  - called eagerly on a mesh (``mesh``, or ``jattr.devices.current_mesh()``):
+    ``loop_chunks`` on it, chunk_size=None meaning one chunk per device.
 
   Args and Returns: as in ``loop_chunks``.
   """
@@ -320,6 +439,10 @@ def apply_chunks(kernel: Callable[[Any, Any], Any], args, examples, *,
     check_chunk_size(chunk_size)
   if in_trace(args, examples):
     return map_chunks(functools.partial(kernel, args), examples, chunk_size=chunk_size)
+  mesh = devices.current_mesh(mesh)
+  if mesh is not None:
+    return loop_chunks(kernel, args, examples, chunk_size=chunk_size or n, progress=progress,
+                       desc=desc, mesh=mesh)
   if chunk_size is None or int(chunk_size) >= n:
     out = _call_jit(kernel, args, examples)
     if progress is not None:
@@ -344,7 +467,8 @@ class _GradRows:
 
 def per_example_grads(fn: ExampleFn, params: Params, examples, *,
                       chunk_size: int | None = None,
-                      progress: Progress | None = None, wrt: Selector = None) -> Params:
+                      progress: Progress | None = None, wrt: Selector = None,
+                      mesh=None) -> Params:
   """Gradient of ``fn`` for every example, g_i = ∇_θ fn(θ; z_i).
 
   With ``wrt`` (a ``jattr.wrt`` selector) only the selected leaves θ_S are
@@ -363,6 +487,8 @@ def per_example_grads(fn: ExampleFn, params: Params, examples, *,
     chunk_size: examples per ``vmap`` chunk; ``None`` vmaps over all N at once.
     progress: called after each chunk of an eager call (``jattr.progress``).
     wrt: the leaves to differentiate (``None``: all; see ``jattr.wrt``).
+    mesh: a ``jax.sharding.Mesh`` to split the examples over (its ``"data"``
+      axis; ``jattr.devices``); ``None``: ``jattr.devices.current_mesh()``.
 
   Returns:
     A pytree like ``params`` whose leaves have a leading axis N; with ``wrt``, like
@@ -370,7 +496,7 @@ def per_example_grads(fn: ExampleFn, params: Params, examples, *,
   """
   fn, params = restrict(fn, params, wrt)
   return apply_chunks(_GradRows(fn), params, examples, chunk_size=chunk_size,
-                      progress=progress, desc="per-example gradients")
+                      progress=progress, desc="per-example gradients", mesh=mesh)
 
 
 def flatten_per_example(grads: Params) -> jax.Array:

@@ -24,6 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import PartitionSpec
+
+from jattr import devices
+from jattr.grads.per_example import in_trace
 from jattr.progress import Progress
 from jattr.progress import resolve as resolve_progress
 
@@ -45,9 +49,8 @@ def _check(query, train, tile_q, tile_n):
       raise ValueError(f"{name} must be a positive int, got {v}")
 
 
-@functools.partial(jax.jit, static_argnames=("tile_q", "tile_n", "fn"))
 def tiled_scores(query: jax.Array, train: jax.Array, tile_q: int = 1024, tile_n: int = 8192,
-                 fn: TileFn = dot_scores) -> jax.Array:
+                 fn: TileFn = dot_scores, *, mesh=None) -> jax.Array:
   """τ = [fn(query tile, train tile)] assembled on the device, tile by tile.
 
   One compiled program (a ``lax.fori_loop`` over the tiles): there is no host loop
@@ -58,11 +61,41 @@ def tiled_scores(query: jax.Array, train: jax.Array, tile_q: int = 1024, tile_n:
     train: [N, k].
     tile_q, tile_n: tile shape; intermediates never exceed tile_q × tile_n entries.
     fn: the tile function (default ``dot_scores``).
+    mesh: a ``jax.sharding.Mesh`` (``None``: ``jattr.devices.current_mesh()``).
+      On a mesh, called eagerly, the training rows are split over its ``"data"``
+      axis and every device tiles its own columns of τ against all the queries
+      (replicated); the columns are gathered on one device.
 
   Returns:
     τ, shape [Q, N].
   """
   _check(query, train, tile_q, tile_n)
+  if not in_trace(query, train):
+    mesh = devices.current_mesh(mesh)
+    if mesh is not None:
+      return _sharded_scores(query, train, int(tile_q), int(tile_n), fn, mesh)
+  return _tiled_scores(query, train, int(tile_q), int(tile_n), fn)
+
+
+def _sharded_scores(query, train, tile_q, tile_n, fn, mesh):
+  n = train.shape[0]
+  train, block = devices.pad_rows(train, n, devices.data_size(mesh))
+  train = devices.put(train, devices.split_rows(mesh))
+  query = devices.put_args(query, mesh)
+  tau = _sharded_tiles(query, train, tile_q, tile_n, fn, mesh)
+  return devices.to_host_device(tau[:, :n] if tau.shape[1] != n else tau, mesh)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _sharded_tiles(query, train, tile_q, tile_n, fn, mesh):
+  body = lambda q, b: _tiled_scores(q, b, tile_q, tile_n, fn)  # noqa: E731
+  return jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(devices.DATA)),
+                       out_specs=PartitionSpec(None, devices.DATA),
+                       axis_names=frozenset({devices.DATA}), check_vma=False)(query, train)
+
+
+@functools.partial(jax.jit, static_argnames=("tile_q", "tile_n", "fn"))
+def _tiled_scores(query, train, tile_q, tile_n, fn):
   nq_total, nn_total = query.shape[0], train.shape[0]
   tq, tn = min(int(tile_q), nq_total), min(int(tile_n), nn_total)
   nq, nn = -(-nq_total // tq), -(-nn_total // tn)

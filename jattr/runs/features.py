@@ -4,8 +4,9 @@
     jattr featurize --run DIR --out STORE [--queries train|test|samples] [--like STORE]
                     [--measurement square_norm] [--num-draws 10] [--timesteps uniform]
                     [--draw-seed 0] [--proj-dim 4096] [--proj-kind rademacher|gaussian|sparse]
-                    [--proj-seed 0] [--proj-nonzeros 2] [--wrt REGEX] [--chunk-size C]
-                    [--store-chunk-rows R]
+                    [--proj-seed 0] [--proj-nonzeros 2] [--grad-dtype bfloat16] [--wrt REGEX]
+                    [--chunk-size C] [--store-chunk-rows R] [--store-dtype float32|bfloat16]
+                    [--process-index p --process-count P [--wait S]]
     jattr score     --train-store A --query-store B --method trak|grad_dot|grad_cosine
                     [--damping λ | --relative-damping c] --out scores.npz
 
@@ -19,7 +20,18 @@ measurement, draws and projection from a train store, so query features are made
 exactly as the train features were (a flag that contradicts it raises).
 ``--wrt REGEX`` takes the gradient with respect to the parameters whose paths match
 (``jattr.wrt``; the others held fixed), recorded in the store as ``model.wrt``;
-``--like`` takes it from the train store too.
+``--like`` takes it from the train store too. ``--grad-dtype bfloat16`` computes the
+gradients with the model in bf16 (projected in float32; recorded as
+``projection.grad_dtype``, so ``--like`` repeats it and such stores are scored only
+against each other); ``--store-dtype bfloat16`` keeps the features as bf16 on disk
+(half the space; read back as float32).
+
+Many hosts fill one store (on a file system they share) when each runs the same
+command with its own ``--process-index p --process-count P``, at once or one after
+another; each computes only the missing chunks of its group, and the last to finish
+checks the store and folds the hosts' records into it (``jattr.runs.store_featurize``,
+docs/devices.md). ``--wait S`` makes a host wait for the others' chunks (S seconds
+without a new one) and fail naming the missing ones; the default 0 returns at once.
 
 ``score`` reads a train store Φ [N, k] and a query store Φ_q [Q, k], refuses them
 unless they share the model, measurement, draws and projection
@@ -51,10 +63,10 @@ from jattr.data import load_dataset, resize, take
 from jattr.diffusion import conditioning, fixed_draws
 from jattr.diffusion.latent import encode_images
 from jattr.diffusion.measurements import MEASUREMENTS, measurement_fn
-from jattr.features.projection import PROJECTION_KINDS, ProjectionConfig
+from jattr.features.projection import GRAD_DTYPES, PROJECTION_KINDS, ProjectionConfig
 from jattr.io import atomic, guard
-from jattr.io.feature_store import (ARRAY, DTYPE, FORMAT, SIDECAR, VERSION, FeatureStore,
-                                    check_compatible, feature_config)
+from jattr.io.feature_store import (ARRAY, DTYPE, DTYPES, FORMAT, SIDECAR, VERSION,
+                                    FeatureStore, check_compatible, feature_config)
 from jattr.io.hashing import array_hash, model_hash
 from jattr.methods import grad_cosine, grad_dot, trak_fit, trak_score
 from jattr.models import num_params
@@ -72,7 +84,8 @@ TEST_SPLIT_DATASETS = ("fashion_mnist", "cifar2")
 queries are the train-split images outside the run's training subset."""
 SPEC_DEFAULTS = {"measurement": "square_norm", "num_draws": 10, "timesteps": "uniform",
                  "draw_seed": 0, "proj_dim": 4096, "proj_kind": "rademacher", "proj_seed": 0,
-                 "proj_nonzeros": 2, "block_size": 1024, "time": None, "wrt": None}
+                 "proj_nonzeros": 2, "block_size": 1024, "time": None, "wrt": None,
+                 "grad_dtype": None}
 """The featurize options ``like`` can fill, with their defaults when there is no ``like``."""
 GRAD_CHUNK_BYTES = 1 << 30
 """Default budget for one chunk of per-example gradients (chunk_size × P float32)."""
@@ -127,9 +140,12 @@ class StoreProjection:
   seed: int
   block_size: int
   nonzeros: int | None = None  # the sparse kind's s; absent for the dense kinds
+  grad_dtype: str | None = None  # "bfloat16": bf16 gradients; absent: the model's dtype
 
   def __post_init__(self):
     guard.one_of(self, "kind", PROJECTION_KINDS)
+    if self.grad_dtype is not None:
+      guard.one_of(self, "grad_dtype", GRAD_DTYPES)
     guard.at_least(self, "dim", 1)
     guard.at_least(self, "block_size", 1)
     if self.kind == "sparse":
@@ -169,10 +185,11 @@ class StoreSidecar:
   chunk_sha256: dict | None = None
 
   def __post_init__(self):
-    for name, value in (("format", FORMAT), ("version", VERSION), ("dtype", DTYPE)):
+    for name, value in (("format", FORMAT), ("version", VERSION)):
       if getattr(self, name) != value:
         raise guard.ConfigError(name, f" = {guard.show(getattr(self, name))}: expected "
                                       f"{guard.show(value)}")
+    guard.one_of(self, "dtype", DTYPES)
     for name in ("num_rows", "dim", "chunk_rows"):
       guard.at_least(self, name, 1)
     chunks = -(-self.num_rows // self.chunk_rows)
@@ -226,7 +243,8 @@ def _spec_from_store(config: dict) -> dict:
           "proj_dim": p["dim"], "proj_kind": p["kind"], "proj_seed": p["seed"],
           "block_size": p["block_size"],
           "proj_nonzeros": p.get("nonzeros", SPEC_DEFAULTS["proj_nonzeros"]),
-          "wrt": None if selection is None else selection.get("selector")}
+          "wrt": None if selection is None else selection.get("selector"),
+          "grad_dtype": p.get("grad_dtype")}
 
 
 def resolve_spec(given: dict, like_config: dict | None = None) -> dict:
@@ -349,6 +367,9 @@ def _check_spec(s: dict) -> None:
                      "of proj_nonzeros column blocks)")
   for name in ("draw_seed", "proj_seed"):
     guard.check_count(name, s[name], low=-2**63)
+  if s["grad_dtype"] is not None and s["grad_dtype"] not in GRAD_DTYPES:
+    raise ValueError(f"grad_dtype = {s['grad_dtype']!r}: expected None (the model's dtype) or "
+                     f"one of {GRAD_DTYPES}")
   guard.check_count("time", s["time"], optional=True, low=0)
   if s["wrt"] is not None:
     if s["wrt"] in ("<callable>", "<mask>"):
@@ -373,7 +394,9 @@ def _auto_chunk_size(params, store_chunk_rows: int) -> int:
 
 def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = None,
                   chunk_size: int | None = None, store_chunk_rows: int = 256,
-                  progress: Progress | None = None, **spec):
+                  store_dtype: str = DTYPE, progress: Progress | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  wait_s: float | None = None, **spec):
   """Featurizes a run's examples into the store ``out`` (what ``jattr featurize`` does).
 
   Args:
@@ -383,14 +406,22 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
     like: a train store whose measurement, draws and projection to reuse.
     chunk_size: per-example gradients at once (None: fit 1 GiB).
     store_chunk_rows: rows per store chunk.
+    store_dtype: what the store keeps, ``"float32"`` or ``"bfloat16"``
+      (``FeatureStore.open``; a store is resumed only with its own dtype).
     progress: ``jattr.progress`` callback.
+    process_index, process_count, wait_s: this process's share of the store when
+      many processes (hosts) featurize it together (``store_featurize``; ``None``:
+      from ``jax.process_index()`` / ``jax.process_count()``, 1 process outside a
+      ``jax.distributed`` job).
     **spec: ``measurement``, ``time``, ``num_draws``, ``timesteps``, ``draw_seed``,
       ``proj_dim``, ``proj_kind``, ``proj_seed``, ``proj_nonzeros``, ``block_size``,
-      ``wrt`` (a regex on parameter paths, ``jattr.wrt``) (None or absent: from
-      ``like`` or the defaults).
+      ``wrt`` (a regex on parameter paths, ``jattr.wrt``), ``grad_dtype`` (``None`` or
+      ``"bfloat16"``, ``ProjectionConfig.grad_dtype``) (None or absent: from ``like``
+      or the defaults).
 
   Returns:
-    The complete ``FeatureStore``.
+    The complete ``FeatureStore`` (with several processes and ``wait_s`` 0: its
+    share complete).
   """
 
   unknown = set(spec) - set(SPEC_DEFAULTS)
@@ -401,6 +432,8 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
     raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
   guard.check_count("chunk_size", chunk_size, optional=True)
   guard.check_count("store_chunk_rows", store_chunk_rows)
+  if store_dtype not in DTYPES:
+    raise ValueError(f"store_dtype must be one of {DTYPES}, got {store_dtype!r}")
   like_config = read_store(like, "--like").config if like else None
   s = resolve_spec(spec, like_config)
   _check_spec(s)
@@ -418,7 +451,8 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
                      f"({params_hash[:12]}…)")
   x, dataset_info, examples_hash = query_examples(cfg, run_dir, queries)
   proj = ProjectionConfig(dim=s["proj_dim"], kind=s["proj_kind"], seed=s["proj_seed"],
-                          block_size=s["block_size"], nonzeros=s["proj_nonzeros"])
+                          block_size=s["block_size"], nonzeros=s["proj_nonzeros"],
+                          grad_dtype=s["grad_dtype"])
   draws = fixed_draws(jax.random.key(s["draw_seed"]), s["num_draws"], cfg.model.image_shape,
                       cfg.num_timesteps, s["timesteps"])
   kwargs = {} if s["time"] is None else {"time": s["time"]}
@@ -435,12 +469,14 @@ def featurize_run(run_dir, out, *, queries: str = "train", like: str | None = No
       examples_hash=examples_hash, model_info=model_info, dataset_info=dataset_info,
       selection=selection)
   n = conditioning.count(x)
-  store = FeatureStore.open(out, config, n, proj.dim, min(store_chunk_rows, n))
+  store = FeatureStore.open(out, config, n, proj.dim, min(store_chunk_rows, n),
+                            dtype=store_dtype)
   if chunk_size is None:
     sub = params if s["wrt"] is None else split(params, s["wrt"])
     chunk_size = _auto_chunk_size(sub, store.chunk_rows)
   return store_featurize(fn, params, x, proj, store, chunk_size=min(chunk_size, store.chunk_rows),
-                         progress=progress, wrt=s["wrt"])
+                         progress=progress, wrt=s["wrt"], process_index=process_index,
+                         process_count=process_count, wait_s=wait_s)
 
 
 # ---------------------------------------------------------------------------------

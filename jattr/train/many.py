@@ -35,7 +35,9 @@ from typing import Callable, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
+from jattr import devices
 from jattr.diffusion import conditioning
 from jattr.diffusion.schedules import Schedule
 from jattr.progress import Progress
@@ -155,7 +157,7 @@ def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedu
                data, subsets, seeds, config: TrainConfig, *, strategy: Strategy = "auto",
                chunk_size: int | None = None, checkpointer: Checkpointer | None = None,
                meta: dict | None = None, progress: Progress | None = None,
-               null_cond=None) -> ManyResult:
+               null_cond=None, mesh=None) -> ManyResult:
   """Trains one denoiser per subset, all in one jit-compiled program.
 
   Args:
@@ -178,6 +180,11 @@ def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedu
     progress: called after every segment (``jattr.progress``).
     null_cond: ONE example's null condition, what ``config.cond_dropout`` replaces
       conditions with (``jattr.train.train``).
+    mesh: a ``jax.sharding.Mesh``; ``None``: ``jattr.devices.current_mesh()``
+      (none set: one device). On a mesh the M members are split over its
+      ``"data"`` axis (padded to a multiple of D with copies of the last member,
+      dropped again); each device runs its members with ``strategy``. A member's
+      numbers do not depend on the device it ran on.
 
   Returns:
     A ``ManyResult``.
@@ -216,7 +223,9 @@ def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedu
   if strategy == "auto":
     strategy = _auto_strategy(build, state, indices, counts, train_keys, apply_fn, data)
 
-  run = jax.jit(build(strategy, chunk_size), static_argnums=4)
+  mesh = devices.current_mesh(mesh)
+  members = build(strategy, chunk_size)
+  run = jax.jit(members if mesh is None else _split_members(members, mesh), static_argnums=4)
   losses = np.zeros((table.num_members, 0), np.float32)
   job = {"kind": "train_many", "config": job_config(config, null_cond),
          "seeds": seeds.tolist(),
@@ -228,16 +237,42 @@ def train_many(apply_fn: ApplyFn, init_fn: Callable[[jax.Array], object], schedu
   report = resolve_progress(progress)
   desc = f"train_many[M={table.num_members}, {strategy}]"
   start = int(state.step[0])
+  m = table.num_members
+  args = (indices, counts, train_keys)
+  if mesh is not None:  # members padded to a multiple of D and split over "data"
+    pad = lambda tree: _pad_members(tree, m, devices.data_size(mesh), mesh)  # noqa: E731
+    state, args = pad(state), pad(args)
+  host = (lambda tree: tree) if mesh is None else (
+      lambda tree: devices.to_host_device(jax.tree.map(lambda a: a[:m], tree), mesh))
   for first, length in segments(start, config.num_steps, config.segment_steps):
-    state, seg = run(state, indices, counts, train_keys, length)
-    check_finite_segment(np.asarray(seg), state.params, first, config, checkpointer,
+    state, seg = run(state, *args, length)
+    seg = np.asarray(seg)[:m]
+    check_finite_segment(seg, host(state.params), first, config, checkpointer,
                          member_axis=True)
     losses = np.concatenate([losses, np.asarray(seg, np.float32)], axis=1)
     if checkpointer is not None:
-      checkpointer.save(int(state.step[0]), state,
+      checkpointer.save(int(state.step[0]), host(state),
                         {"job": job, "losses": losses.tolist(), "strategy": strategy})
     report(desc, int(state.step[0]), config.num_steps, loss=float(np.mean(seg)))
-  return ManyResult(state=state, losses=losses, strategy=strategy)
+  return ManyResult(state=host(state), losses=losses, strategy=strategy)
+
+
+def _split_members(members, mesh):
+  """``members`` run data-parallel: each device takes its block of the member axis."""
+  spec = PartitionSpec(devices.DATA)
+
+  def run(states, idx, cnt, tkeys, num_steps):
+    body = lambda s, i, c, k: members(s, i, c, k, num_steps)  # noqa: E731
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec, spec),
+                         axis_names=frozenset({devices.DATA}), check_vma=False)(
+                             states, idx, cnt, tkeys)
+  return run
+
+
+def _pad_members(tree, m: int, d: int, mesh):
+  """The member axis padded to D·⌈M/D⌉ with copies of member M − 1, split over D."""
+  tree, _ = devices.pad_rows(tree, m, d)
+  return devices.put(tree, devices.split_rows(mesh))
 
 
 def _auto_strategy(build, state, indices, counts, train_keys, apply_fn, data) -> str:
