@@ -4,12 +4,12 @@ Featurizing a large training set takes hours; a store lets it be killed and resu
 without recomputing finished work, and lets train and query features be computed
 once and scored many times. Layout of ``<store>/``::
 
-    features/      a zarr v3 array [N, k] float32 (tensorstore, file kvstore), one
-                   zarr chunk per row chunk of ``chunk_rows`` rows; unwritten rows
+    features/      a zarr v3 array [N, k], float32 or bfloat16 (tensorstore, file
+                   kvstore), one zarr chunk per row chunk of ``chunk_rows`` rows; unwritten rows
                    read as NaN (the fill value)
     store.json     the sidecar: format, version, num_rows, dim, chunk_rows, dtype,
                    the ``config`` that produced the features, ``complete_chunks`` and
-                   ``chunk_sha256`` (the sha256 of each complete chunk's float32 rows)
+                   ``chunk_sha256`` (the sha256 of each complete chunk's rows as stored)
 
 Both parts are open formats: ``zarr.open("<store>/features")`` (zarr-python ≥ 3) or
 tensorstore read the array, any JSON reader the sidecar.
@@ -285,7 +285,7 @@ class StoreValidationError(ValueError):
 
 
 class FeatureStore:
-  """A chunked on-disk array Φ [N, k] float32 with its configuration.
+  """A chunked on-disk array Φ [N, k] (float32 or bfloat16, read as float32) and its config.
 
   Build one with ``FeatureStore.open`` (create or resume, checking the config) or
   ``FeatureStore.load`` (an existing store, config read from disk). The object
