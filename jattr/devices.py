@@ -81,6 +81,14 @@ def data_mesh(num_devices: int | None = None, *, model: int = 1, devices=None) -
   return Mesh(grid.reshape(n // model, model), (DATA, MODEL))
 
 
+def mesh_of(count: int | str | None) -> Mesh | None:
+  """The mesh of a ``--devices`` / config ``"devices"`` value: D devices, ``"all"``, or
+  ``None`` (one device: no mesh)."""
+  if count is None:
+    return None
+  return data_mesh(None if count == "all" else int(count))
+
+
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh | None):
   """Runs jattr's chunk loops on ``mesh`` inside the ``with`` block.
@@ -142,8 +150,7 @@ def split_rows(mesh: Mesh) -> NamedSharding:
 
 
 def _multi_process(mesh: Mesh) -> bool:
-  return mesh.devices.size != len([d for d in mesh.devices.flat
-                                   if d.process_index == jax.process_index()])
+  return any(d.process_index != jax.process_index() for d in mesh.devices.flat)
 
 
 def put(tree, sharding: NamedSharding):

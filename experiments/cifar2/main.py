@@ -45,7 +45,7 @@ import time
 import jax
 import numpy as np
 
-from jattr import bench, models
+from jattr import bench, devices, models
 from jattr.bench import curvature_methods, drivers, gradient_methods, lds_cache
 from jattr.cli.progress import TqdmProgress
 from jattr.io import atomic
@@ -284,12 +284,14 @@ def main(argv=None) -> dict:
                       help="where the stage record goes (default: stages.json beside results)")
   parser.add_argument("--devices", type=int, default=None,
                       help="run jattr's data-parallel loops on a mesh of this many devices "
-                           "(jattr.devices, docs/devices.md); default: one device")
+                           "(jattr.devices, docs/devices.md); default: the config's "
+                           "\"devices\" (none: one device)")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
 
   config = drivers.with_overrides(bench.load_config(args.config), data_dir=args.data_dir,
-                                  cache_root=args.cache_root, results=args.results)
+                                  cache_root=args.cache_root, results=args.results,
+                                  devices=args.devices)
   spec = lds_cache.LdsSpec.from_dict(config["spec"])
   results = config.get("results") or "runs/cifar2/results.json"
   config["results"] = results
@@ -299,10 +301,10 @@ def main(argv=None) -> dict:
   names = (args.methods.split(",") if args.methods else list(config.get("methods") or []))
   out = sys.stdout
 
-  mesh_context = contextlib.nullcontext()
-  if args.devices is not None:
-    from jattr import devices  # pylint: disable=import-outside-toplevel
-    mesh_context = devices.use_mesh(devices.data_mesh(args.devices))
+  # the config's "devices" (--devices overrides it): the drivers read it, and the
+  # cache stage (bench.build_cache, outside them) runs on the same mesh
+  count = config.get("devices")
+  mesh_context = devices.use_mesh(devices.mesh_of(count))
 
   start = _clock()
   before = _read_timing(config)
@@ -343,7 +345,7 @@ def main(argv=None) -> dict:
       "name": config.get("name"), "config": str(args.config), "spec_digest": spec.digest(),
       "spec": spec.to_dict(), "stages_run": list(args.stages),
       "devices": {"backend": jax.default_backend(), "count": jax.device_count(),
-                  "kind": jax.devices()[0].device_kind, "mesh": args.devices},
+                  "kind": jax.devices()[0].device_kind, "mesh": count},
       "presets": record.get("presets") or {p: parameter_count(p) for p in PRESETS},
       "stages": stages, "methods": methods, "lds": lds_summary(results),
       "wall_s": _since(start)["wall_s"], "cpu_s": _since(start)["cpu_s"]})

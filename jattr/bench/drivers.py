@@ -197,19 +197,12 @@ def _method_list(config: dict, methods, scores: dict | None):
   return names, dict(scores or {})
 
 
-def config_mesh(config: dict):
-  """The mesh of the config's ``devices`` (``None``: one device)."""
-  d = config.get("devices")
-  if d is None:
-    return None
-  return jdevices.data_mesh(None if d == "all" else int(d))
-
-
 def _on_config_mesh(driver):
-  """Runs ``driver(config, ...)`` inside ``jattr.devices.use_mesh(config_mesh(config))``."""
+  """Runs ``driver(config, ...)`` on the mesh of the config's ``devices``
+  (``jattr.devices.mesh_of``; ``None``: one device)."""
   @functools.wraps(driver)
   def run(config: dict, **kwargs):
-    with jdevices.use_mesh(config_mesh(config)):
+    with jdevices.use_mesh(jdevices.mesh_of(config.get("devices"))):
       return driver(config, **kwargs)
   return run
 

@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
   except SystemExit as e:  # --help, or argparse refused a flag (it printed why)
     return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
   try:
-    d = getattr(args, "devices", None)
-    with devices.use_mesh(None if d is None else devices.data_mesh(None if d == "all" else d)):
+    with devices.use_mesh(devices.mesh_of(getattr(args, "devices", None))):
       args.func(args)
   except EXPECTED as e:
     if debug_enabled(args.debug):

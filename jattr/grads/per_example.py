@@ -282,24 +282,23 @@ def _sharded_zeros(structs, lead: int, mesh):
       lambda r: jnp.zeros((lead,) + tuple(r.shape[1:]), r.dtype, device=split), structs)
 
 
-def _place(args, examples, n, mesh):
-  """Parameters replicated, examples padded to D·B rows and split into D blocks."""
-  d = devices.data_size(mesh)
-  examples, block = devices.pad_rows(examples, n, d)
-  return devices.put_args(args, mesh), devices.put(examples, devices.split_rows(mesh)), block
+def _place(args, examples, n, c, mesh):
+  """Parameters replicated, examples padded to D·B rows and split into D blocks.
+
+  Returns ``(args, examples, B, C', chunk)``: C' = min(C, B) examples per device per
+  chunk, ``chunk`` the abstract chunk one device's step slices out of its block.
+  """
+  examples, block = devices.pad_rows(examples, n, devices.data_size(mesh))
+  examples = devices.put(examples, devices.split_rows(mesh))
+  c = min(c, block)
+  return devices.put_args(args, mesh), examples, block, c, _chunk_struct(examples, c)
 
 
 def _loop_sharded(kernel, args, examples, n, c, mesh, report, desc):
   d = devices.data_size(mesh)
-  args, examples, block = _place(args, examples, n, mesh)
-  c = min(c, block)
-  local = _chunk_struct(jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct((block,) + x.shape[1:], x.dtype), examples), c)
-  rows = _call_jit.eval_shape(kernel, args, local)
-  for r in jax.tree_util.tree_leaves(rows):
-    if not r.shape or r.shape[0] != c:
-      raise ValueError(f"kernel must return rows with leading axis chunk_size={c}, got shape "
-                       f"{r.shape}")
+  args, examples, block, c, chunk = _place(args, examples, n, c, mesh)
+  rows = _call_jit.eval_shape(kernel, args, chunk)
+  _check_rows(rows, c)
   out = _sharded_zeros(rows, d * block, mesh)
   out = _run_loop(_map_step_sharded, out, (kernel, c, mesh), args, examples, block, c,
                   _per_device(report, n, d), desc, with_first=False)
@@ -309,19 +308,22 @@ def _loop_sharded(kernel, args, examples, n, c, mesh, report, desc):
 
 def _sum_sharded(kernel, args, examples, n, c, init, mesh, report, desc):
   d = devices.data_size(mesh)
-  args, examples, block = _place(args, examples, n, mesh)
-  c = min(c, block)
-  local = _chunk_struct(jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct((block,) + x.shape[1:], x.dtype), examples), c)
-  part = _call_masked_jit.eval_shape(kernel, args, local, jax.ShapeDtypeStruct((c,), jnp.bool_))
+  args, examples, block, c, chunk = _place(args, examples, n, c, mesh)
+  part = _call_masked_jit.eval_shape(kernel, args, chunk, jax.ShapeDtypeStruct((c,), jnp.bool_))
   partials = _sharded_zeros(jax.tree_util.tree_map(
       lambda r: jax.ShapeDtypeStruct((1,) + tuple(r.shape), r.dtype), part), d, mesh)
   partials = _run_loop(_sum_step_sharded, partials, (kernel, c, mesh, block, n), args, examples,
                        block, c, _per_device(report, n, d), desc, with_first=True)
-  if init is None:
-    init = jax.tree_util.tree_map(lambda r: jnp.zeros(r.shape, r.dtype), part)
-  init = devices.put_args(init, mesh)
-  return devices.to_host_device(_reduce_partials(partials, init), mesh)
+  init = _zeros_like(part) if init is None else init
+  return devices.to_host_device(_reduce_partials(partials, devices.put_args(init, mesh)), mesh)
+
+
+def _check_rows(rows, c: int) -> None:
+  """Raises unless every leaf of the kernel's output has leading axis C."""
+  for r in jax.tree_util.tree_leaves(rows):
+    if not r.shape or r.shape[0] != c:
+      raise ValueError(f"kernel must return rows with leading axis chunk_size={c}, got shape "
+                       f"{r.shape}")
 
 
 def _per_device(report, n, d):
@@ -372,10 +374,7 @@ def loop_chunks(kernel: Callable[[Any, Any], Any], args, examples, *, chunk_size
     return _loop_sharded(kernel, args, examples, n, c, mesh, resolve_progress(progress), desc)
   args, examples = jax.device_put((args, examples))
   rows = _call_jit.eval_shape(kernel, args, _chunk_struct(examples, c))
-  for r in jax.tree_util.tree_leaves(rows):
-    if not r.shape or r.shape[0] != c:
-      raise ValueError(f"kernel must return rows with leading axis chunk_size={c}, got shape "
-                       f"{r.shape}")
+  _check_rows(rows, c)
   out = _zeros_like(rows, n)
   return _run_loop(_map_step, out, (kernel, c), args, examples, n, c,
                    resolve_progress(progress), desc, with_first=False)
