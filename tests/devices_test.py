@@ -247,3 +247,12 @@ def _with_func(parser, func):
   for sub in parser._subparsers._group_actions[0].choices.values():  # noqa: SLF001
     sub.set_defaults(func=func)
   return parser
+
+
+@pytest.mark.parametrize("bad", [0, -2, "most", 1.5, True])
+def test_a_bad_devices_value_is_refused(bad):
+  from jattr.bench import drivers  # pylint: disable=import-outside-toplevel
+  from jattr.io import guard  # pylint: disable=import-outside-toplevel
+  with pytest.raises(guard.ConfigError, match="devices"):
+    drivers.ExperimentConfig(spec={}, devices=bad)
+  assert drivers.ExperimentConfig(spec={}, devices="all").devices == "all"
